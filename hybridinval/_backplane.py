@@ -1,0 +1,299 @@
+"""The backplane: how every process learns which L1 entries to evict.
+
+Two halves live here:
+
+* the message format: small, versioned JSON carrying the schema version, the sender's
+  instance id, a per-sender sequence number, the send time (for lag metrics) and the keys;
+* :class:`RedisPubSubTransport`: a subscriber thread on its own Redis connection.
+
+Redis Pub/Sub is at-most-once: a message published while a subscriber is disconnected is lost,
+and redis-py would resubscribe silently. So the subscriber here owns its connection and reports
+every moment it may have missed something (connection error, EOF because Redis killed it,
+health-check PING unanswered on a half-open socket) through ``on_blind`` *before* it tries
+anything else, and reports ``on_connected`` only once Redis has confirmed the SUBSCRIBE. The cache
+flushes L1 and refuses L1 stores between the two.
+
+This module must never raise into the subscriber loop's caller or die on bad input: a malformed
+message is logged, counted and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from redis.exceptions import RedisError
+
+from .errors import BackendUnavailableError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BackplaneListener",
+    "MalformedMessage",
+    "Message",
+    "RedisPubSubTransport",
+    "Transport",
+    "decode_message",
+    "encode_message",
+]
+
+log = logging.getLogger("hybridinval.backplane")
+
+SCHEMA_VERSION = 1
+TICK_INTERVAL = 0.1
+
+
+class MalformedMessage(ValueError):
+    """A backplane payload that is not a message this version can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    version: int
+    sender: str
+    seq: int
+    sent_at_ns: int  # time.time_ns() at the sender
+    keys: tuple[str, ...]
+    flush: bool  # evict everything (cache.clear(), or a message from a newer schema)
+
+
+def encode_message(sender: str, seq: int, keys: Sequence[str], *, flush: bool = False) -> bytes:
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "i": sender, "s": seq, "t": time.time_ns()}
+    if flush:
+        body["f"] = 1
+    body["k"] = list(keys)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_message(payload: bytes) -> Message:
+    """Parse and validate a payload. A newer schema version decodes to a flush-everything message:
+    we cannot know which keys it names, and evicting everything is always safe."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise MalformedMessage("not a JSON object")
+    version = body.get("v")
+    if type(version) is not int or version < 1:
+        raise MalformedMessage(f"field 'v' must be a positive int, got {version!r}")
+    sender, seq, sent_at = body.get("i"), body.get("s", 0), body.get("t", 0)
+    if type(sender) is not str:
+        raise MalformedMessage(f"field 'i' must be a string, got {sender!r}")
+    if type(seq) is not int or type(sent_at) is not int:
+        raise MalformedMessage("fields 's' and 't' must be ints")
+    if version > SCHEMA_VERSION:
+        return Message(version, sender, seq, sent_at, (), True)
+    keys = body.get("k")
+    if not isinstance(keys, list) or not all(type(k) is str for k in keys):
+        raise MalformedMessage("field 'k' must be a list of strings")
+    return Message(version, sender, seq, sent_at, tuple(keys), bool(body.get("f")))
+
+
+class BackplaneListener(Protocol):
+    """What a transport reports to the cache. Called from the subscriber thread."""
+
+    def on_message(self, payload: bytes) -> None: ...
+
+    def on_connected(self) -> None:
+        """Subscribed and confirmed: messages published from now on will arrive."""
+        ...
+
+    def on_blind(self, reason: str) -> None:
+        """Messages may have been missed. Called before any reconnect attempt."""
+        ...
+
+    def on_tick(self) -> None:
+        """Housekeeping (L1 expiry); called at least every ``TICK_INTERVAL`` while subscribed."""
+        ...
+
+
+class Transport(Protocol):
+    """The backplane seam."""
+
+    channel: str
+
+    def publish(self, message: bytes) -> None:
+        """Send ``message`` to every subscriber. Raises ``BackendUnavailableError``."""
+        ...
+
+    def start(self, listener: BackplaneListener) -> None:
+        """Start delivering to ``listener`` in the background. Must not block on the network."""
+        ...
+
+    def stop(self) -> None:
+        """Stop delivering and release the connection. Idempotent."""
+        ...
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's thread and sockets without network I/O (we are a new child)."""
+        ...
+
+
+class RedisPubSubTransport:
+    """Redis Pub/Sub with health-checked subscription and loud blindness.
+
+    ``health_check_interval``: how often the subscriber PINGs through its own connection. A PONG
+    proves every message published before the PING was delivered; no PONG within
+    ``health_check_timeout`` means the socket is half-open, and the cache goes blind. So a silent
+    network failure is noticed within ``interval + timeout``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        *,
+        health_check_interval: float = 0.5,
+        health_check_timeout: float = 0.5,
+        reconnect_backoff: tuple[float, float] = (0.05, 2.0),
+        connection_options: dict[str, Any] | None = None,
+    ) -> None:
+        if health_check_interval <= 0 or health_check_timeout <= 0:
+            raise ValueError("health_check_interval and health_check_timeout must be > 0")
+        self.url = url
+        self.channel = channel
+        self.health_check_interval = health_check_interval
+        self.health_check_timeout = health_check_timeout
+        self._backoff_min, self._backoff_max = reconnect_backoff
+        # RESP2: a subscribed connection then answers in the classic Pub/Sub shape on every
+        # redis-py version and every server (redis-py 8 defaults to RESP3 push frames).
+        options: dict[str, Any] = {
+            "socket_timeout": health_check_timeout,
+            "socket_connect_timeout": 1.0,
+            "protocol": 2,
+        }
+        options.update(connection_options or {})
+        self._options = options
+        self._publisher: redis.Redis | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._conn: Any = None
+        self.connects = 0
+
+    # -- publishing (used when the L2 cannot piggyback the message) ------------------------
+
+    def publish(self, message: bytes) -> None:
+        if self._publisher is None:
+            self._publisher = redis.Redis.from_url(self.url, **self._options)
+        try:
+            self._publisher.publish(self.channel, message)
+        except RedisError as exc:
+            raise BackendUnavailableError(f"publish on {self.channel!r} failed: {exc}") from exc
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    def start(self, listener: BackplaneListener) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(listener,), name=f"hybridinval-sub:{self.channel}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.disconnect()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+        self._thread = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+    def reset_after_fork(self) -> None:
+        # The parent's thread does not exist here and its sockets belong to the parent: drop the
+        # references without shutting anything down (shutdown would cut the parent's connection).
+        self._thread = None
+        self._conn = None
+        self._publisher = None
+        self._stop = threading.Event()
+
+    def _run(self, listener: BackplaneListener) -> None:
+        backoff = self._backoff_min
+        while not self._stop.is_set():
+            try:
+                self._subscribe_and_listen(listener)
+                backoff = self._backoff_min
+            except Exception as exc:  # the loop must survive anything
+                if self._stop.is_set():
+                    break
+                if self.connects and backoff == self._backoff_min:
+                    log.warning(
+                        "backplane %s: connection lost (%s); reconnecting", self.channel, exc
+                    )
+                else:
+                    log.debug("backplane %s: %s", self.channel, exc)
+                self._safe_call(listener.on_blind, str(exc) or type(exc).__name__)
+                self._close_conn()
+                # Full jitter keeps a fleet of processes from reconnecting in lockstep.
+                self._stop.wait(random.uniform(0, backoff))
+                backoff = min(self._backoff_max, backoff * 2)
+        self._close_conn()
+
+    def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
+        pool = redis.ConnectionPool.from_url(self.url, **self._options)
+        conn: Any = pool.make_connection()  # redis-py's connection API is untyped
+        self._conn = conn
+        conn.connect()
+        conn.send_command("SUBSCRIBE", self.channel)
+        reply = conn.read_response()
+        if not (isinstance(reply, list) and reply and reply[0] in (b"subscribe", "subscribe")):
+            raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
+        self.connects += 1
+        listener.on_connected()
+
+        interval, timeout = self.health_check_interval, self.health_check_timeout
+        ping_sent_at: float | None = None
+        next_ping = time.monotonic() + interval
+        next_tick = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                self._safe_call(listener.on_tick)
+                next_tick = now + TICK_INTERVAL
+            if ping_sent_at is None and now >= next_ping:
+                conn.send_command("PING", check_health=False)
+                ping_sent_at = now
+            if ping_sent_at is not None:
+                if now - ping_sent_at > timeout:
+                    raise TimeoutError(f"no PONG within {timeout:.3f}s (half-open connection?)")
+                wait = ping_sent_at + timeout - now
+            else:
+                wait = next_ping - now
+            if not conn.can_read(timeout=max(0.0, min(wait, next_tick - now))):
+                continue
+            reply = conn.read_response()
+            if not isinstance(reply, list) or len(reply) < 2:
+                log.warning("backplane %s: unexpected reply %r", self.channel, reply)
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                self._safe_call(listener.on_message, reply[2])
+            elif kind == b"pong":
+                ping_sent_at = None
+                next_ping = time.monotonic() + interval
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # already broken; nothing more to release
+                conn.disconnect()
+
+    def _safe_call(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("backplane %s: listener %s failed", self.channel, fn.__name__)

