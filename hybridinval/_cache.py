@@ -140,6 +140,8 @@ class HybridCache:
         self._seq = itertools.count(1)
         self._lags_us: deque[int] = deque(maxlen=self._lag_samples_max)
         self._stats = dict.fromkeys(_COUNTERS, 0)
+        self._retry_keys: set[str] = set()
+        self._retry_thread: threading.Thread | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -392,6 +394,62 @@ class HybridCache:
         self._stats["invalidations_sent"] += 1
         self._stats["keys_invalidated"] += len(batch)
 
+    def invalidate_committed(self, keys: Iterable[str]) -> bool:
+        """Invalidate keys whose change is already committed; never raises a Redis failure.
+
+        This is the publish after a database commit: the data *is* committed, so a Redis failure
+        must not surface as if it were not. On failure the error is logged and counted
+        (``publish_failures``), this process's L1 is flushed (it cannot tell which of its entries
+        other writers' lost messages would have evicted either), and the keys are retried in the
+        background until Redis takes them. Returns whether the publish succeeded now.
+        """
+        batch = list(dict.fromkeys(keys))
+        try:
+            self.invalidate_many(batch)
+        except BackendUnavailableError as exc:
+            with self._lock:
+                self._stats["publish_failures"] += 1
+                self._flush_locked()
+                self._retry_keys.update(batch)
+            log.error("publishing %d invalidation(s) after commit failed; retrying in the "
+                      "background: %s", len(batch), exc)
+            self._start_retry_thread()
+            return False
+        return True
+
+    def _start_retry_thread(self) -> None:
+        with self._lock:
+            if self._retry_thread is not None and self._retry_thread.is_alive():
+                return
+            self._retry_thread = threading.Thread(
+                target=self._retry_loop, name="hybridinval-retry", daemon=True
+            )
+            self._retry_thread.start()
+
+    def _retry_loop(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            with self._lock:
+                batch, self._retry_keys = list(self._retry_keys), set()
+            if not batch:
+                return
+            try:
+                self.invalidate_many(batch)
+            except BackendUnavailableError as exc:
+                with self._lock:
+                    self._retry_keys.update(batch)
+                log.debug("invalidation retry failed (%d keys): %s", len(batch), exc)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+            else:
+                self._stats["publish_retries_succeeded"] += 1
+                log.info("published %d invalidation(s) after retry", len(batch))
+                delay = 0.05
+
+    def pending_retries(self) -> int:
+        """Keys whose invalidation failed after commit and awaits a background retry."""
+        return len(self._retry_keys)
+
     def clear_local(self) -> None:
         """Flush this process's L1 and cancel its in-flight fills (other processes keep theirs)."""
         with self._lock:
@@ -592,6 +650,7 @@ _COUNTERS = (
     "flushes",
     "blind_periods",
     "publish_failures",
+    "publish_retries_succeeded",
 )
 
 # Every cache of this process, so a forked child can reset them all (threads and sockets do not
