@@ -529,10 +529,10 @@ class HybridCache:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _ensure_started(self) -> None:
-        if self._started:
-            return
         if self._closed:
             raise CacheClosedError("this HybridCache is closed")
+        if self._started:
+            return
         with self._lock:
             if self._started:
                 return

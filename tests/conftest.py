@@ -1,0 +1,157 @@
+"""Shared fixtures: where Redis/PostgreSQL live, plus private servers and proxies.
+
+Service policy: use what is configured or already running; otherwise start an
+embedded Redis (tests must pass on a laptop with no services) or skip the
+PostgreSQL tests. With ``HYBRIDINVAL_REQUIRE_SERVICES=1`` (CI) a missing
+service is a test failure, never a skip, so CI cannot go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from support import RedisServer, TcpProxy, redis_ping, redis_server_binary
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _require_services() -> bool:
+    return os.environ.get("HYBRIDINVAL_REQUIRE_SERVICES") == "1"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which services policy is active, so CI logs explain skips/failures."""
+    try:
+        binary = redis_server_binary()
+    except RuntimeError:
+        binary = "<none>"
+    return [
+        f"hybridinval: HYBRIDINVAL_REQUIRE_SERVICES={int(_require_services())}, "
+        f"redis-server for private servers: {binary}"
+    ]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a shared Redis for the whole session.
+
+    Order: $HYBRIDINVAL_REDIS_URL, then a Redis already on 127.0.0.1:6379,
+    then (unless services are required) a session-private embedded server.
+    Tests share it, so they must scope keys/channels with ``namespace``
+    and must never FLUSHALL.
+    """
+    env_url = os.environ.get("HYBRIDINVAL_REDIS_URL")
+    if env_url:
+        if not redis_ping(env_url, timeout=2.0):
+            pytest.fail(f"HYBRIDINVAL_REDIS_URL={env_url} does not answer PING", pytrace=False)
+        yield env_url
+        return
+    if redis_ping(DEFAULT_REDIS_URL, timeout=1.0):
+        yield DEFAULT_REDIS_URL
+        return
+    if _require_services():
+        pytest.fail(
+            f"HYBRIDINVAL_REQUIRE_SERVICES=1 but no Redis answers at {DEFAULT_REDIS_URL} "
+            "and HYBRIDINVAL_REDIS_URL is not set",
+            pytrace=False,
+        )
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """SQLAlchemy URL of a PostgreSQL database, or skip (fail in CI) if none."""
+    env_url = os.environ.get("HYBRIDINVAL_POSTGRES_URL")
+    if env_url:
+        return env_url
+    reason: str
+    try:
+        import psycopg
+    except ImportError:
+        reason = "psycopg is not installed (pip install 'hybridinval[postgres]')"
+    else:
+        conninfo = DEFAULT_POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://", 1)
+        try:
+            psycopg.connect(conninfo, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            reason = f"PostgreSQL unreachable at {conninfo}: {exc}".strip()
+        else:
+            return DEFAULT_POSTGRES_URL
+    if _require_services():
+        pytest.fail(f"HYBRIDINVAL_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Unique per-test prefix for keys and channels on the shared Redis."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis for this test only: safe to kill, restart or flush."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_server_factory() -> Iterator[Callable[..., RedisServer]]:
+    """Start private Redis servers with custom args, e.g.
+    ``factory("--client-output-buffer-limit", "pubsub 64kb 0 0")``;
+    all are closed at teardown.
+    """
+    servers: list[RedisServer] = []
+
+    def make(*extra_args: str) -> RedisServer:
+        server = RedisServer(extra_args=extra_args)
+        servers.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture
+def tcp_proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
+    """A fault-injecting proxy in front of this test's private ``redis_server``.
+
+    Connect clients to ``tcp_proxy.url_for(db)``; drive ``redis_server``
+    directly for kill/restart faults.
+    """
+    proxy = TcpProxy(redis_server.host, redis_server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[Callable[[str, int], TcpProxy]]:
+    """Create proxies to arbitrary ``(host, port)`` targets; closed at teardown."""
+    proxies: list[TcpProxy] = []
+
+    def make(host: str, port: int) -> TcpProxy:
+        proxy = TcpProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()

@@ -1,0 +1,196 @@
+"""Blind means bypass: real faults on the subscriber's connection, and Redis going away.
+
+Each test runs a private redis-server (safe to kill) behind a TCP proxy the test controls. The
+cache under test talks to Redis only through the proxy; a second, healthy cache (the "writer")
+talks to the server directly, so its messages keep flowing while the first one is cut off.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from support import RedisServer, TcpProxy
+from support.waiting import wait_until
+
+from hybridinval import BackendUnavailableError, HybridCache
+
+FAST = {"health_check_interval": 0.1, "health_check_timeout": 0.2, "socket_timeout": 0.3}
+
+
+@pytest.fixture
+def make_cache(namespace: str) -> Iterator[Callable[..., HybridCache]]:
+    caches: list[HybridCache] = []
+
+    def make(url: str, **options: Any) -> HybridCache:
+        cache = HybridCache.from_url(url, namespace=namespace, **{**FAST, **options})
+        caches.append(cache)
+        assert cache.wait_until_subscribed(10)
+        return cache
+
+    yield make
+    for cache in caches:
+        cache.close()
+
+
+def fill(cache: HybridCache, key: str, value: object) -> None:
+    cache.get_or_set(key, lambda: value)
+    assert key in cache.l1.entries
+
+
+def blind_count(cache: HybridCache) -> int:
+    return int(cache.stats()["blind_periods"])
+
+
+def test_cut_connection_flushes_l1_and_bypasses_until_resubscribed(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    reader = make_cache(tcp_proxy.url)
+    writer = make_cache(redis_server.url)
+    fill(reader, "k", "v1")
+    tcp_proxy.refuse()  # no way back in for now
+    tcp_proxy.cut()
+    wait_until(lambda: not reader.subscribed, what="reader notices the cut")
+    assert reader.l1.entries == {}
+    # While blind: reads work (L2 unreachable through the proxy, so the loader serves them)
+    # and nothing is stored in L1.
+    assert reader.get_or_set("k", lambda: "from-loader") == "from-loader"
+    assert reader.l1.entries == {}
+    writer.set("k", "v2")  # published while the reader cannot hear it
+    tcp_proxy.accept_again()
+    wait_until(lambda: reader.subscribed, what="reader resubscribes")
+    assert reader.get("k") == "v2"
+    assert blind_count(reader) == 1
+
+
+def test_half_open_connection_is_detected_by_health_check(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    """A black-holed socket raises no error at all; only the missing PONG reveals it."""
+    reader = make_cache(tcp_proxy.url)
+    writer = make_cache(redis_server.url)
+    fill(reader, "k", "v1")
+    tcp_proxy.blackhole()
+    writer.set("k", "v2")  # this message is lost for the reader
+    wait_until(lambda: not reader.subscribed, what="missed PONG turns the reader blind")
+    assert "k" not in reader.l1.entries
+    assert reader.get("k") != "v1"  # never the stale L1 value (L2 is unreachable: default)
+    tcp_proxy.heal()
+    wait_until(lambda: reader.subscribed, timeout=10, what="reader reconnects after heal")
+    assert reader.get("k") == "v2"
+
+
+def test_client_kill_type_pubsub(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer
+) -> None:
+    reader = make_cache(redis_server.url)
+    fill(reader, "k", "v1")
+    admin = redis.Redis.from_url(redis_server.url)
+    killed = admin.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    wait_until(lambda: blind_count(reader) == 1, what="reader goes blind on EOF")
+    assert "k" not in reader.l1.entries
+    wait_until(lambda: reader.subscribed, what="reader resubscribes")
+    fill(reader, "k", "v1")  # L1 is in use again
+    admin.close()
+
+
+def test_redis_closing_a_slow_subscriber_for_its_output_buffer(
+    make_cache: Callable[..., HybridCache],
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory("--client-output-buffer-limit", "pubsub 256kb 0 0")
+    reader = make_cache(server.url)
+    writer = make_cache(server.url)
+    fill(reader, "k", "v1")
+    admin = redis.Redis.from_url(server.url)
+
+    def subscribers() -> int:
+        return len(admin.client_list(_type="pubsub"))
+
+    assert subscribers() == 2
+    # Stall the reader's subscriber thread inside its message handler (it needs the cache lock),
+    # so the kernel's socket buffers and then Redis's output buffer for it fill up.
+    big_keys = [f"key-{i:04d}-" + "x" * 200 for i in range(200)]  # ~45 KB per message
+    with reader._lock:
+        writer.invalidate("first")
+        for _ in range(1000):
+            writer.invalidate_many(big_keys)
+            if subscribers() == 1:
+                break
+        assert subscribers() == 1, "Redis did not drop the stalled subscriber"
+    admin.close()
+    wait_until(lambda: blind_count(reader) == 1, what="reader goes blind")
+    assert "k" not in reader.l1.entries
+    wait_until(lambda: reader.subscribed, what="reader resubscribes")
+
+
+def test_redis_down_then_back(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer
+) -> None:
+    cache = make_cache(redis_server.url)
+    fill(cache, "k", "v1")
+    redis_server.kill()
+    wait_until(lambda: not cache.subscribed, what="cache goes blind")
+    assert cache.l1.entries == {}
+    # Reads still work through the loader, and nothing lands in L1 while blind.
+    assert cache.get_or_set("k", lambda: "loader") == "loader"
+    assert cache.get_or_set("other", lambda: 42) == 42
+    assert cache.l1.entries == {}
+    assert cache.stats()["l2_errors"] >= 2
+    with pytest.raises(BackendUnavailableError):
+        cache.set("k", "v")
+    with pytest.raises(BackendUnavailableError):
+        cache.invalidate("k")
+    redis_server.start()  # same port, empty (no persistence)
+    wait_until(lambda: cache.subscribed, timeout=10, what="subscriber recovers by itself")
+    assert cache.get_or_set("k", lambda: "fresh") == "fresh"
+    assert "k" in cache.l1.entries
+    cache.set("k", "after")  # writes work again
+
+
+def test_fill_begun_while_blind_cannot_store_after_resubscribe(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    reader = make_cache(tcp_proxy.url)
+    tcp_proxy.refuse()
+    tcp_proxy.cut()
+    wait_until(lambda: not reader.subscribed, what="blind")
+    loading, resume = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        loading.set()
+        resume.wait(10)
+        return "read while blind"
+
+    t = threading.Thread(target=lambda: reader.get_or_set("k", loader))
+    t.start()
+    loading.wait(5)
+    tcp_proxy.accept_again()
+    wait_until(lambda: reader.subscribed, what="resubscribed")
+    resume.set()
+    t.join(10)
+    assert "k" not in reader.l1.entries
+    assert reader.stats()["fill_guard_rejections"] >= 1
+
+
+def test_publish_failure_after_commit_is_retried_in_background(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    writer = make_cache(tcp_proxy.url)
+    reader = make_cache(redis_server.url)
+    fill(reader, "k", "old")
+    fill(writer, "k", "old")
+    tcp_proxy.refuse()
+    tcp_proxy.cut()
+    assert writer.invalidate_committed(["k"]) is False  # never raises
+    assert "k" not in writer.l1.entries and writer.stats()["publish_failures"] == 1
+    assert writer.pending_retries() == 1
+    assert "k" in reader.l1.entries  # not told yet
+    tcp_proxy.accept_again()
+    wait_until(lambda: "k" not in reader.l1.entries, timeout=10, what="retry lands")
+    wait_until(lambda: writer.pending_retries() == 0, what="retry queue drained")
+    assert writer.stats()["publish_retries_succeeded"] >= 1
