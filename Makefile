@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check hybridinval tests
+	$(BIN)/ruff check hybridinval tests benchmarks
 
 typecheck: venv
 	$(BIN)/mypy

@@ -68,17 +68,23 @@ _MISSING: Any = object()
 class _Fill:
     """One in-flight load of one key: its guard and, for single flight, its future."""
 
-    __slots__ = ("cancelled", "done", "epoch", "error", "value")
+    __slots__ = ("_done", "cancelled", "epoch", "error", "value")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.cancelled = False
-        self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+        # A held lock is the cheapest "done" flag to wait on (an Event builds a Condition).
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def finish(self) -> None:
+        self._done.release()
 
     def wait(self) -> Any:
-        self.done.wait()
+        with self._done:  # each waiter passes the released lock on to the next
+            pass
         if self.error is not None:
             raise self.error
         return self.value
@@ -141,6 +147,7 @@ class HybridCache:
         self._lags_us: deque[int] = deque(maxlen=self._lag_samples_max)
         self._stats = dict.fromkeys(_COUNTERS, 0)
         self._retry_keys: set[str] = set()
+        self._malformed_log_after = 0.0
         self._retry_thread: threading.Thread | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -207,12 +214,14 @@ class HybridCache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value for ``key`` from L1, else L2 (an L2 hit fills L1), else ``default``."""
-        entry = self._entries.get(key)
-        if entry is not None:  # present means live: expiry is the background tick's job
-            entry[2] += 1
-            return entry[0]
-        value = self._read_through(key, None, None, None)
-        return default if value is _MISSING else value
+        try:
+            entry = self._entries[key]
+        except KeyError:
+            value = self._read_through(key, None, None, None)
+            return default if value is _MISSING else value
+        # Present means live: expiry is the background tick's job, not the reader's.
+        entry[2] += 1
+        return entry[0]
 
     def get_or_set(
         self,
@@ -227,12 +236,13 @@ class HybridCache:
 
         A loader exception reaches every waiter and nothing is cached.
         """
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry[2] += 1
-            value: T = entry[0]
-            return value
-        return self._read_through(key, loader, ttl, l1_ttl)  # type: ignore[no-any-return]
+        try:
+            entry = self._entries[key]
+        except KeyError:
+            return self._read_through(key, loader, ttl, l1_ttl)  # type: ignore[no-any-return]
+        entry[2] += 1
+        value: T = entry[0]
+        return value
 
     def _read_through(
         self,
@@ -262,27 +272,33 @@ class HybridCache:
             if value is not _MISSING or loader is None:
                 return value
         try:
-            value = self._fill(key, fill, loader, ttl, l1_ttl)
+            value, cacheable = self._fill(key, loader, ttl)
         except BaseException as exc:
             fill.error = exc
-            raise
-        else:
-            fill.value = value
-            return value
-        finally:
             with self._lock:
                 if self._fills.get(key) is fill:
                     del self._fills[key]
-            fill.done.set()
+            fill.finish()
+            raise
+        fill.value = value
+        lifetime = min(l1_ttl or self.l1_ttl, ttl or self.l1_ttl)
+        with self._lock:
+            if cacheable:
+                # The fill guard: store only if no invalidation, flush or blind period
+                # touched this key since the fill was registered.
+                if fill.cancelled or fill.epoch != self._epoch or not self._trusted:
+                    self._stats["fill_guard_rejections"] += 1
+                else:
+                    self.l1.store(key, value, _monotonic() + lifetime)
+            if self._fills.get(key) is fill:
+                del self._fills[key]
+        fill.finish()
+        return value
 
     def _fill(
-        self,
-        key: str,
-        fill: _Fill,
-        loader: Callable[[], Any] | None,
-        ttl: float | None,
-        l1_ttl: float | None,
-    ) -> Any:
+        self, key: str, loader: Callable[[], Any] | None, ttl: float | None
+    ) -> tuple[Any, bool]:
+        """Read L2, else load and write L2. Returns the value and whether L1 may keep it."""
         stats = self._stats
         version: bytes | None = None
         try:
@@ -299,44 +315,32 @@ class HybridCache:
                 log.warning("corrupt L2 payload for %r (%s); treating as a miss", key, exc)
             else:
                 stats["l2_hits"] += 1
-                self._store_l1(key, value, fill, ttl, l1_ttl)
-                return value
+                return value, True
         stats["l2_misses"] += 1
         if loader is None:
-            return _MISSING
+            return _MISSING, False
         started = _monotonic()
         stats["loads"] += 1
         value = loader()
         payload = self._dumps(key, value)
-        if version is not None:
-            if _monotonic() - started > self.version_ttl / 2:
-                # The version key may have expired and come back meanwhile; a CAS against it
-                # would prove nothing. Skip L2 rather than risk a stale write.
-                stats["l2_cas_rejections"] += 1
-                version = None
-            else:
-                try:
-                    stored = self.l2.cas_set(key, payload, ttl or self.l2_ttl, version)
-                except BackendUnavailableError as exc:
-                    stats["l2_errors"] += 1
-                    log.debug("L2 write of %r failed: %s", key, exc)
-                else:
-                    if not stored:
-                        # Invalidated while we loaded: the value is already stale for L1 too.
-                        stats["l2_cas_rejections"] += 1
-                        return value
-        self._store_l1(key, value, fill, ttl, l1_ttl)
-        return value
-
-    def _store_l1(
-        self, key: str, value: Any, fill: _Fill, ttl: float | None, l1_ttl: float | None
-    ) -> None:
-        lifetime = min(l1_ttl or self.l1_ttl, ttl or self.l1_ttl)
-        with self._lock:
-            if fill.cancelled or fill.epoch != self._epoch or not self._trusted:
-                self._stats["fill_guard_rejections"] += 1
-                return
-            self.l1.store(key, value, _monotonic() + lifetime)
+        if version is None:  # L2 unreachable: L1 only (and only if the backplane is trusted)
+            return value, True
+        if _monotonic() - started > self.version_ttl / 2:
+            # The version key may have expired and come back meanwhile; a CAS against it
+            # would prove nothing. Skip L2 rather than risk a stale write.
+            stats["l2_cas_rejections"] += 1
+            return value, True
+        try:
+            stored = self.l2.cas_set(key, payload, ttl or self.l2_ttl, version)
+        except BackendUnavailableError as exc:
+            stats["l2_errors"] += 1
+            log.debug("L2 write of %r failed: %s", key, exc)
+            return value, True
+        if not stored:
+            # Invalidated while we loaded: the value is already stale for L1 too.
+            stats["l2_cas_rejections"] += 1
+            return value, False
+        return value, True
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -488,7 +492,12 @@ class HybridCache:
             message = decode_message(payload)
         except MalformedMessage as exc:
             stats["messages_malformed"] += 1
-            log.warning("ignoring malformed backplane message %.200r: %s", payload, exc)
+            # Rate-limited: a misbehaving publisher on our channel must not flood the logs.
+            now = _monotonic()
+            if now >= self._malformed_log_after:
+                self._malformed_log_after = now + 1.0
+                log.warning("ignoring malformed backplane message %.200r: %s (%d so far)",
+                            payload, exc, stats["messages_malformed"])
             return
         lag_us = (time.time_ns() - message.sent_at_ns) // 1000
         if message.sender == self.instance_id:
