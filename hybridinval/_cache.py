@@ -48,6 +48,7 @@ from .errors import BackendUnavailableError, CacheClosedError, SerializationErro
 from .serializers import CorruptPayloadError, Serializer, get_serializer
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
     from .sqlalchemy import SessionCache
@@ -147,6 +148,7 @@ class HybridCache:
         self._lags_us: deque[int] = deque(maxlen=self._lag_samples_max)
         self._stats = dict.fromkeys(_COUNTERS, 0)
         self._retry_keys: set[str] = set()
+        self._retry_in_flight = 0
         self._malformed_log_after = 0.0
         self._retry_thread: threading.Thread | None = None
 
@@ -243,6 +245,19 @@ class HybridCache:
         entry[2] += 1
         value: T = entry[0]
         return value
+
+    def get_local(self, key: str, default: Any = None) -> Any:
+        """The value for ``key`` if this process's L1 holds it, else ``default``. No Redis I/O.
+
+        For integrations that must not fill (a session whose snapshot may be older than L2's
+        versions can still serve committed L1 data).
+        """
+        try:
+            entry = self._entries[key]
+        except KeyError:
+            return default
+        entry[2] += 1
+        return entry[0]
 
     def _read_through(
         self,
@@ -435,6 +450,7 @@ class HybridCache:
         while not self._closed:
             with self._lock:
                 batch, self._retry_keys = list(self._retry_keys), set()
+                self._retry_in_flight = len(batch)
             if not batch:
                 return
             try:
@@ -442,17 +458,20 @@ class HybridCache:
             except BackendUnavailableError as exc:
                 with self._lock:
                     self._retry_keys.update(batch)
+                    self._retry_in_flight = 0
                 log.debug("invalidation retry failed (%d keys): %s", len(batch), exc)
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
             else:
+                self._retry_in_flight = 0
                 self._stats["publish_retries_succeeded"] += 1
                 log.info("published %d invalidation(s) after retry", len(batch))
                 delay = 0.05
 
     def pending_retries(self) -> int:
-        """Keys whose invalidation failed after commit and awaits a background retry."""
-        return len(self._retry_keys)
+        """Keys whose invalidation failed after commit and awaits a background retry (including
+        a retry in flight)."""
+        return len(self._retry_keys) + self._retry_in_flight
 
     def clear_local(self) -> None:
         """Flush this process's L1 and cancel its in-flight fills (other processes keep theirs)."""
@@ -607,14 +626,17 @@ class HybridCache:
         out["lag_max_us"] = lags[-1] if lags else None
         return out
 
-    def for_session(self, session: Session) -> SessionCache:
+    def for_session(self, session: Session | AsyncSession) -> SessionCache:
         """Session-scoped access that never caches what ``session`` has changed but not committed.
 
         See :mod:`hybridinval.sqlalchemy`.
         """
-        from .sqlalchemy import SessionCache
+        global _session_cache_class
+        if _session_cache_class is None:  # imported lazily: the core must not need SQLAlchemy
+            from .sqlalchemy import SessionCache
 
-        return SessionCache(self, session)
+            _session_cache_class = SessionCache
+        return _session_cache_class(self, session)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -661,6 +683,8 @@ _COUNTERS = (
     "publish_failures",
     "publish_retries_succeeded",
 )
+
+_session_cache_class: type[SessionCache] | None = None
 
 # Every cache of this process, so a forked child can reset them all (threads and sockets do not
 # survive fork; locks held by other threads at fork time would never be released).

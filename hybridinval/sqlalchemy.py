@@ -1,0 +1,1365 @@
+"""The SQLAlchemy unit of work: publish the keys a transaction changed, once, after it commits.
+
+Usage::
+
+    from hybridinval.sqlalchemy import install, invalidate_on_commit, track
+
+    track(User, keys=["user:{id}", "user_by_email:{email}"])
+    install(SessionFactory, cache)          # sessionmaker, scoped_session, Session subclass,
+                                            # async_sessionmaker or AsyncSession subclass
+    with SessionFactory.begin() as session:
+        session.get(User, 1).email = "new@example.com"
+        invalidate_on_commit(session, "report:42")
+    # commit() returned: user:1, user_by_email:<old>, user_by_email:<new> and report:42 are gone
+    # from L2 and from every process's L1.
+
+    scoped = cache.for_session(session)
+    scoped.get_or_set("user:1", lambda: load_user(session, 1))
+
+How keys are collected
+    * Rows the ORM writes at flush (mapper ``after_insert``/``before_update``/``after_update``/
+      ``before_delete`` events, so cascades and orphan deletes count): old values (from
+      attribute history, or a SELECT on the flush connection when an old value was never
+      loaded) and new values. Changing ``email`` invalidates both e-mail keys.
+    * Relationships: a foreign-key column is a column like any other, so to invalidate a
+      parent's "children" entry name the foreign key in the *child's* template
+      (``track(Address, keys=["user_addresses:{user_id}"])``): moving a child invalidates the old
+      and the new parent. A tracked object that SQLAlchemy flushes as dirty only because one of its
+      collections changed (``user.addresses.append(a)``) also has its own keys invalidated,
+      because cached values commonly embed the children.
+    * Bulk ``session.execute(update(User)...)``/``delete(...)``: the matched rows' key columns are
+      selected first in the same transaction (``FOR UPDATE`` where the database has it; on SQLite
+      the write lock is taken first), the statement is pinned to exactly those primary keys, and
+      for UPDATE the rows are read again afterwards. So old and new keys are exact even while
+      other transactions commit. Bulk INSERT uses the parameter rows (or the statement's own
+      RETURNING); when a key field is in neither (an autoincrement id) it raises rather than
+      silently skip a key that may hold a cached "not found".
+    * ``invalidate_on_commit(session, *keys)`` for anything else (raw SQL, derived values).
+
+After-commit work
+    ``on_commit(session, fn)`` and ``enqueue_on_commit(session, celery_task_or_signature)``
+    run after the root commit *and* its invalidations, so a task never reads the old value
+    from any cache; they follow the same frames (dropped with a rolled-back SAVEPOINT).
+
+When keys are published
+    Keys live in a stack of frames, one per real transaction (root or SAVEPOINT). A released
+    SAVEPOINT merges its keys into its parent; a rolled-back one drops them. When the *root*
+    transaction commits, all keys go out in one ``cache.invalidate_committed(keys)`` call per
+    cache: one Redis round trip, and this process's L1 is evicted before ``commit()`` returns.
+    A session joined to an outer connection-level transaction that it does not control
+    (``join_transaction_mode`` other than ``"control_fully"``) hands its keys to that outer
+    transaction instead: they are published right after the outer COMMIT reaches the database
+    and dropped if it rolls back. If a connection is lost before the outcome is known (a
+    disconnect during COMMIT makes ``commit()`` raise although the database may have committed),
+    the keys are published anyway: an invalidation of unchanged data costs one miss.
+
+Reading through a session (:class:`SessionCache`)
+    A key the session has pending changes to (unflushed objects, flushed frames, keys handed to
+    an open outer transaction) is loaded from the database and not cached. Neither is any key
+    while the session's transaction may hold a snapshot older than the L2 version a fill would
+    compare against (REPEATABLE READ/SERIALIZABLE once a statement ran, or an SQLite
+    transaction that the driver did not open for a write): such a loader would read data older
+    than the invalidations it was checked against. READ COMMITTED, a transaction that has not
+    run a statement yet, and pysqlite's default write transactions (which hold the database
+    write lock, so nobody else can commit under them) keep caching.
+
+Not seen (declare their keys with ``invalidate_on_commit``)
+    Raw SQL (``text()``), Core statements run on ``session.connection()``, the legacy
+    ``Session.bulk_save_objects``/``bulk_*_mappings`` methods (SQLAlchemy fires no event for
+    them), and the old key values of rows an ``INSERT ... ON CONFLICT DO UPDATE`` changes.
+    A bulk UPDATE that changes primary keys raises. The isolation level is read once per
+    DBAPI connection; a level changed by raw ``SET`` statements is not noticed.
+
+This module must never publish a key before the COMMIT that made it stale has reached the
+database (not at flush, not at SAVEPOINT release, not when a joined session "commits"), never
+let a failed publish raise out of ``commit()``, and never store in L1 or L2 a value read through
+a session that could see uncommitted or outdated rows for it. It never emits SQL outside the
+session's own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import string
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Column, and_, event, false, inspect, select, tuple_, update
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine.default import DefaultDialect
+from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
+from sqlalchemy.orm.state import InstanceState
+
+from .errors import HybridInvalError, TransactionStateError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
+
+    from ._cache import HybridCache
+
+__all__ = [
+    "Installation",
+    "SessionCache",
+    "enqueue_on_commit",
+    "install",
+    "invalidate_on_commit",
+    "on_commit",
+    "track",
+    "untrack",
+]
+
+log = logging.getLogger("hybridinval.sqlalchemy")
+
+T = TypeVar("T")
+
+_INFO_KEY = "hybridinval.sqlalchemy"
+_ISOLATION_INFO_KEY = "hybridinval.isolation_level"
+# Isolation levels under which every statement takes a fresh snapshot: a loader that starts after
+# the L2 version was read sees every commit published before that read.
+_PER_STATEMENT_SNAPSHOT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
+_MISSING: Any = object()
+
+
+# -- key templates and tracked models --------------------------------------------------------
+
+
+class _KeyTemplate:
+    """One ``track()`` key template, parsed once: ``"user_by_email:{email}"``."""
+
+    __slots__ = ("fields", "parts", "text")
+
+    def __init__(self, text: str, owner: type, columns: Mapping[str, Any]) -> None:
+        if type(text) is not str:
+            raise TypeError(
+                f"track({owner.__name__}): key templates must be str, got "
+                f"{type(text).__name__}: {text!r:.100}"
+            )
+        if not text:
+            raise ValueError(f"track({owner.__name__}): empty key template")
+        self.text = text
+        parts: list[tuple[str, str | None, str, str | None]] = []
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ValueError(
+                f"track({owner.__name__}): key template {text!r} is not a valid format string: "
+                f"{exc}"
+            ) from exc
+        for literal, field, spec, conversion in parsed:
+            if field is not None:
+                if not field.isidentifier():
+                    raise ValueError(
+                        f"track({owner.__name__}): key template {text!r} has placeholder "
+                        f"{{{field}}}; placeholders must name a column attribute, like {{id}}"
+                    )
+                if field not in columns or not isinstance(columns[field], Column):
+                    known = ", ".join(k for k, c in columns.items() if isinstance(c, Column))
+                    raise ValueError(
+                        f"track({owner.__name__}): key template {text!r} names field "
+                        f"{field!r}, which is not a column attribute of {owner.__name__} "
+                        f"(columns: {known})"
+                    )
+                if spec and "{" in spec:
+                    raise ValueError(
+                        f"track({owner.__name__}): key template {text!r}: nested placeholders "
+                        f"in a format spec are not supported"
+                    )
+            parts.append((literal, field, spec or "", conversion))
+        self.parts = tuple(parts)
+        self.fields = tuple(dict.fromkeys(p[1] for p in parts if p[1] is not None))
+
+    def format(self, values: Mapping[str, Any]) -> str:
+        return "".join(
+            literal + (_format_field(values[field], spec, conv) if field is not None else "")
+            for literal, field, spec, conv in self.parts
+        )
+
+    def pattern(self, values: Mapping[str, Any]) -> re.Pattern[str]:
+        """A regex for every key this template could yield, ``_MISSING`` values being unknown."""
+        out = []
+        for literal, field, spec, conv in self.parts:
+            out.append(re.escape(literal))
+            if field is not None:
+                value = values.get(field, _MISSING)
+                out.append(
+                    "(?s:.*)" if value is _MISSING else re.escape(_format_field(value, spec, conv))
+                )
+        return re.compile("".join(out))
+
+
+def _format_field(value: Any, spec: str, conversion: str | None) -> str:
+    if conversion == "r":
+        value = repr(value)
+    elif conversion == "a":
+        value = ascii(value)
+    elif conversion == "s":
+        value = str(value)
+    return format(value, spec)
+
+
+class _ModelSpec:
+    """What ``track()`` recorded for one mapped class."""
+
+    __slots__ = ("cls", "fields", "templates")
+
+    def __init__(self, cls: type, templates: tuple[_KeyTemplate, ...]) -> None:
+        self.cls = cls
+        self.templates = templates
+        self.fields = tuple(dict.fromkeys(f for t in templates for f in t.fields))
+
+
+_registry_lock = threading.RLock()
+_tracked: dict[type, _ModelSpec] = {}
+# Templates that apply to a class, its own and its tracked bases' (inheritance): computed on
+# first use, cleared on every track()/untrack().
+_specs_by_class: dict[type, tuple[_ModelSpec, ...]] = {}
+_mapper_listeners_installed = False
+
+
+def track(
+    model: type,
+    keys: Sequence[str],
+    tags: Sequence[str] = (),
+) -> None:
+    """Invalidate ``keys`` (format templates over ``model``'s column attributes) whenever a row
+    of ``model`` is inserted, updated or deleted through an installed session.
+
+    A template without placeholders (``"users:all"``) is invalidated by any change to any row.
+    Calling ``track()`` again for the same model replaces its templates. Subclasses (mapped
+    inheritance) inherit their tracked bases' templates.
+
+    ``tags`` are not supported yet and must be empty: tag invalidation needs a cross-process
+    index that the core does not have, and accepting tags that never invalidate anything would
+    be a silent correctness trap. A constant template gives the same invalidation today.
+    """
+    if tags:
+        raise ValueError(
+            f"track({getattr(model, '__name__', model)!r}): tags={list(tags)!r} are not "
+            f"supported yet; use a constant key template instead, e.g. keys=[..., 'users:all']"
+        )
+    if not isinstance(model, type):
+        raise TypeError(f"track() needs a mapped class, got {model!r:.100}")
+    mapper: Any = inspect(model, raiseerr=False)
+    if not isinstance(mapper, Mapper):
+        raise TypeError(f"track(): {model.__name__} is not a mapped SQLAlchemy class")
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise TypeError(
+            f"track({model.__name__}): keys must be a list of templates, got {keys!r:.100}"
+        )
+    if not keys:
+        raise ValueError(f"track({model.__name__}): keys must name at least one template")
+    # mapper.columns is keyed by attribute name and is complete before mapper configuration, so
+    # track() can run right after the class statement, before related classes exist.
+    columns = dict(mapper.columns.items())
+    spec = _ModelSpec(model, tuple(_KeyTemplate(text, model, columns) for text in keys))
+    with _registry_lock:
+        _install_mapper_listeners()
+        _tracked[model] = spec
+        _specs_by_class.clear()
+
+
+def untrack(model: type) -> None:
+    """Stop invalidating keys for ``model`` (mostly for tests). Idempotent."""
+    with _registry_lock:
+        _tracked.pop(model, None)
+        _specs_by_class.clear()
+
+
+def _specs_for(cls: type) -> tuple[_ModelSpec, ...]:
+    specs = _specs_by_class.get(cls)
+    if specs is None:
+        with _registry_lock:
+            specs = tuple(_tracked[c] for c in cls.__mro__ if c in _tracked)
+            _specs_by_class[cls] = specs
+    return specs
+
+
+# -- per-session state: the frame stack --------------------------------------------------------
+
+
+class _Frame:
+    """What one real transaction collected: keys (an insertion-ordered dict as an ordered set)
+    and callbacks to run after the root commit has been published."""
+
+    __slots__ = ("callbacks", "keys")
+
+    def __init__(self) -> None:
+        self.keys: dict[str, None] = {}
+        self.callbacks: list[Callable[[], object]] = []
+
+    def merge(self, other: _Frame) -> None:
+        self.keys.update(other.keys)
+        self.callbacks.extend(other.callbacks)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.callbacks)
+
+
+class _UnitOfWork:
+    """The pending invalidations of one session, kept in ``session.info``.
+
+    ``frames`` maps each real transaction (root or SAVEPOINT, never SQLAlchemy's internal
+    subtransactions) to what was collected while it was the innermost one. ``connections`` are
+    the connections the current root transaction began, for the outer-transaction and snapshot
+    checks.
+    """
+
+    __slots__ = (
+        "caches", "connections", "frames", "generation", "max_key_length", "outcome_unknown",
+        "primary",
+    )
+
+    def __init__(self) -> None:
+        self.frames: dict[SessionTransaction, _Frame] = {}
+        self.connections: list[Connection] = []
+        # Set when a connection of the current root transaction was lost: if that happened
+        # during COMMIT, the transaction may have committed although commit() raised.
+        self.outcome_unknown = False
+        self.caches: tuple[HybridCache, ...] = ()
+        self.primary: Installation | None = None
+        self.generation = -1
+        self.max_key_length = 0
+
+    def frame(self, session: Session) -> _Frame:
+        trans = session.get_nested_transaction() or session.get_transaction()
+        if trans is None:
+            raise TransactionStateError(
+                "no transaction is in progress on this session; call session.begin() first"
+            )
+        frame = self.frames.get(trans)
+        if frame is None:
+            frame = self.frames[trans] = _Frame()
+        return frame
+
+    def add(self, session: Session, keys: Iterable[str]) -> None:
+        frame = self.frame(session)
+        batch = list(keys)
+        limit = self.max_key_length
+        for key in batch:
+            # Checked now, at flush, so that a bad key fails the flush (and the transaction can
+            # roll back) instead of failing the publish after the commit.
+            if not key or len(key) > limit:
+                raise ValueError(
+                    f"cache key {key[:64]!r} is {len(key)} characters long; keys must be "
+                    f"1..{limit} characters"
+                )
+        frame.keys.update(dict.fromkeys(batch))
+
+    def collected(self) -> _Frame:
+        """Everything in every frame, in order (for the root's commit or its unknown outcome)."""
+        out = _Frame()
+        for frame in self.frames.values():
+            out.merge(frame)
+        return out
+
+    def has_key(self, key: str) -> bool:
+        """Whether ``key`` was collected in this transaction (or handed to an open outer one)."""
+        for frame in self.frames.values():
+            if key in frame.keys:
+                return True
+        if not _outer_pending:
+            return False
+        for conn in self.connections:
+            outer = _outer_pending.get(conn)
+            if outer is not None and key in outer.keys:
+                return True
+        return False
+
+
+_installations: list[Installation] = []
+_generation = 0
+
+
+def _sync_session(session: Any) -> Session:
+    """The ORM Session behind ``session`` (an AsyncSession runs its events on one)."""
+    if isinstance(session, Session):
+        return session
+    inner = getattr(session, "sync_session", None)
+    if isinstance(inner, Session):
+        return inner
+    raise TypeError(f"expected a SQLAlchemy Session or AsyncSession, got {session!r:.100}")
+
+
+def _uow_for(session: Session) -> _UnitOfWork | None:
+    """The session's unit of work, or None if no installation covers its class."""
+    uow: _UnitOfWork | None = session.info.get(_INFO_KEY)
+    if uow is not None and uow.generation == _generation:
+        return uow if uow.primary is not None else None
+    with _registry_lock:
+        matching = [i for i in _installations if isinstance(session, i.session_class)]
+        if uow is None:
+            uow = _UnitOfWork()
+            session.info[_INFO_KEY] = uow
+        uow.generation = _generation
+        uow.primary = matching[0] if matching else None
+        uow.caches = tuple({id(i.cache): i.cache for i in matching}.values())
+        uow.max_key_length = min((c.max_key_length for c in uow.caches), default=0)
+    return uow if uow.primary is not None else None
+
+
+# -- installation: session-level events --------------------------------------------------------
+
+
+class Installation:
+    """What :func:`install` returns: the listeners on one session class, and their counters.
+
+    Several installations may cover one session (a base class and a sessionmaker, two caches):
+    the first registered does the work for all of them and publishes to every cache.
+    """
+
+    def __init__(self, session_class: type[Session], cache: HybridCache) -> None:
+        self.session_class = session_class
+        self.cache = cache
+        self._stats = dict.fromkeys(
+            ("commits_published", "keys_published", "commits_deferred", "frames_dropped",
+             "outer_publishes", "outer_drops", "bypassed_reads", "callbacks_run",
+             "callback_failures"),
+            0,
+        )
+        self._listeners: list[tuple[str, Callable[..., Any]]] = [
+            ("after_begin", self._after_begin),
+            ("after_commit", self._after_commit),
+            ("after_transaction_end", self._after_transaction_end),
+            ("do_orm_execute", self._do_orm_execute),
+        ]
+        self.installed = False
+
+    def _install(self) -> None:
+        global _generation
+        for name, fn in self._listeners:
+            event.listen(self.session_class, name, fn)
+        with _registry_lock:
+            _installations.append(self)
+            _generation += 1
+        self.installed = True
+
+    def uninstall(self) -> None:
+        """Remove the listeners. Keys pending in open transactions are dropped. Idempotent."""
+        global _generation
+        if not self.installed:
+            return
+        self.installed = False
+        with _registry_lock:
+            if self in _installations:
+                _installations.remove(self)
+            _generation += 1
+        for name, fn in self._listeners:
+            if event.contains(self.session_class, name, fn):
+                event.remove(self.session_class, name, fn)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since install (this installation acting as the sessions' primary)."""
+        return dict(self._stats)
+
+    def __repr__(self) -> str:
+        state = "installed" if self.installed else "uninstalled"
+        return f"<Installation {self.session_class.__name__} -> {self.cache.namespace} {state}>"
+
+    def _uow(self, session: Session) -> _UnitOfWork | None:
+        uow = _uow_for(session)
+        return uow if uow is not None and uow.primary is self else None
+
+    # The listeners. Each returns at once unless this installation is the session's primary.
+
+    def _after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
+        uow = self._uow(session)
+        if uow is not None and connection not in uow.connections:
+            uow.connections.append(connection)
+            _watch_disconnects(connection, uow)
+            # Learn the isolation level now, inside the session's own call (where an async
+            # driver may do I/O); once per DBAPI connection, later reads hit connection.info.
+            _isolation_level(connection, query=True)
+
+    def _after_commit(self, session: Session) -> None:
+        # Fires after the database COMMIT of the root *and* after every SAVEPOINT release;
+        # only the first is a commit anyone else can see.
+        uow = self._uow(session)
+        if uow is None:
+            return
+        trans = session.get_nested_transaction() or session.get_transaction()
+        if trans is None:
+            return
+        if trans.nested:
+            frame = uow.frames.pop(trans, None)
+            parent = _real_parent(trans)
+            if frame and parent is not None:
+                parent_frame = uow.frames.get(parent)
+                if parent_frame is None:
+                    uow.frames[parent] = frame
+                else:
+                    parent_frame.merge(frame)
+            return
+        # Root: every SAVEPOINT was released (merged) or rolled back (dropped) before this.
+        collected = uow.collected()
+        uow.frames.clear()
+        if collected:
+            self._publish(uow, list(collected.keys), collected.callbacks)
+
+    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        uow = self._uow(session)
+        if uow is None:
+            return
+        # Ended without after_commit (rolled back, or closed while active) unless a root that
+        # committed, whose frames after_commit already emptied.
+        if transaction.parent is not None:
+            dropped = uow.frames.pop(transaction, None)
+            if dropped:
+                self._stats["frames_dropped"] += 1
+                log.debug("dropped %d key(s) and %d callback(s) of a rolled-back savepoint",
+                          len(dropped.keys), len(dropped.callbacks))
+            return
+        collected = uow.collected()
+        uow.frames.clear()
+        if collected and uow.outcome_unknown:
+            # A connection died, perhaps during COMMIT: the rows may be committed. Invalidating
+            # unchanged data costs a miss; a missed invalidation serves stale data. Callbacks
+            # (tasks to send) are not run: they must only follow a known commit.
+            log.warning("connection lost before the transaction's outcome was known; "
+                        "invalidating its %d key(s) anyway, dropping %d callback(s)",
+                        len(collected.keys), len(collected.callbacks))
+            if collected.keys:
+                self._publish(uow, list(collected.keys), [])
+        elif collected:
+            self._stats["frames_dropped"] += 1
+        uow.connections.clear()
+        uow.outcome_unknown = False
+
+    def _publish(
+        self, uow: _UnitOfWork, keys: list[str], callbacks: list[Callable[[], object]]
+    ) -> None:
+        """Publish a root commit's keys, then run its callbacks; or hand both to an outer
+        transaction that is still open."""
+        open_outer = [c for c in uow.connections if not c.closed and c.in_transaction()]
+        if open_outer:
+            # A joined session "committed" while the connection's own transaction continues: the
+            # rows are not committed for anyone else yet. (Callbacks ride with the first outer
+            # transaction only: they must run once.)
+            self._stats["commits_deferred"] += 1
+            for i, conn in enumerate(open_outer):
+                _defer_to_outer(conn, keys, callbacks if i == 0 else [], uow.caches, self)
+            return
+        if keys:
+            self._stats["commits_published"] += 1
+            self._stats["keys_published"] += len(keys)
+            _invalidate_committed(uow.caches, keys)
+        _run_callbacks(callbacks, self)
+
+    # -- bulk statements --------------------------------------------------------------------
+
+    def _do_orm_execute(self, state: ORMExecuteState) -> Result[Any] | None:
+        if not (state.is_update or state.is_delete or state.is_insert):
+            return None
+        mapper = state.bind_mapper
+        if mapper is None:
+            return None
+        specs = _specs_for(mapper.class_)
+        if not specs:
+            return None
+        uow = self._uow(state.session)
+        if uow is None:
+            return None
+        if state.is_insert:
+            return _bulk_insert(state, uow, mapper, specs)
+        return _bulk_update_or_delete(state, uow, mapper, specs)
+
+
+_uow_by_connection: weakref.WeakKeyDictionary[Connection, _UnitOfWork] = (
+    weakref.WeakKeyDictionary()
+)
+_watched_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _watch_disconnects(connection: Connection, uow: _UnitOfWork) -> None:
+    _uow_by_connection[connection] = uow
+    engine = connection.engine
+    if engine not in _watched_engines:
+        with _registry_lock:
+            if engine not in _watched_engines:
+                event.listen(engine, "handle_error", _on_dbapi_error)
+                _watched_engines.add(engine)
+
+
+def _on_dbapi_error(context: Any) -> None:
+    if context.is_disconnect and context.connection is not None:
+        uow = _uow_by_connection.get(context.connection)
+        if uow is not None:
+            uow.outcome_unknown = True
+
+
+def _real_parent(trans: SessionTransaction) -> SessionTransaction | None:
+    parent = trans.parent
+    while parent is not None and not (parent.nested or parent.parent is None):
+        parent = parent.parent
+    return parent
+
+
+def _invalidate_committed(caches: Iterable[HybridCache], keys: list[str]) -> None:
+    """Publish after a commit. Never raises: the data is committed whatever Redis says."""
+    for cache in caches:
+        try:
+            cache.invalidate_committed(keys)
+        except Exception:
+            # invalidate_committed() handles Redis failures itself; this is the last line for
+            # anything else (a closed cache, a bug). Flushing L1 at least keeps this process
+            # from serving what it just changed.
+            log.exception("publishing %d key(s) after commit failed", len(keys))
+            try:
+                cache.clear_local()
+            except Exception:
+                log.exception("flushing the local cache after a failed publish failed")
+
+
+def _run_callbacks(callbacks: list[Callable[[], object]], installation: Installation) -> None:
+    """Run after-commit callbacks in order. Never raises: the transaction is committed, and
+    an exception here would read as a failed commit; each failure is logged and counted."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            installation._stats["callback_failures"] += 1
+            log.exception("after-commit callback %r failed", callback)
+        else:
+            installation._stats["callbacks_run"] += 1
+
+
+def install(target: Any, cache: HybridCache) -> Installation:
+    """Publish the keys of every committed transaction of ``target``'s sessions to ``cache``.
+
+    ``target``: a ``sessionmaker``, ``scoped_session``, ``Session`` subclass (or ``Session``
+    itself, for every session in the process), ``async_sessionmaker``/``async_scoped_session``
+    or ``AsyncSession`` subclass (their events run on the sync session class underneath).
+    Returns an :class:`Installation`; call its ``uninstall()`` to stop.
+    """
+    installation = Installation(_session_class(target), cache)
+    installation._install()
+    return installation
+
+
+def _session_class(target: Any) -> type[Session]:
+    if isinstance(target, type) and issubclass(target, Session):
+        return target
+    if isinstance(target, scoped_session):
+        return _session_class(target.session_factory)
+    if isinstance(target, sessionmaker):
+        cls: type[Session] = target.class_
+        return cls
+    try:
+        from sqlalchemy.ext.asyncio import (
+            AsyncSession,
+            async_scoped_session,
+            async_sessionmaker,
+        )
+    except ImportError:  # pragma: no cover - asyncio extension unavailable
+        AsyncSession = async_sessionmaker = async_scoped_session = None  # type: ignore[misc,assignment]
+    if async_scoped_session is not None and isinstance(target, async_scoped_session):
+        return _session_class(target.session_factory)
+    if async_sessionmaker is not None and isinstance(target, async_sessionmaker):
+        sync_class = target.kw.get("sync_session_class") or Session
+        return _dedicated_sync_class(sync_class, target)
+    if AsyncSession is not None and isinstance(target, type) and issubclass(target, AsyncSession):
+        return _dedicated_sync_class(target.sync_session_class, target)
+    raise TypeError(
+        f"install() needs a sessionmaker, scoped_session, Session subclass, async_sessionmaker "
+        f"or AsyncSession subclass, got {target!r:.100}"
+    )
+
+
+def _dedicated_sync_class(sync_class: type[Session], target: Any) -> type[Session]:
+    if sync_class is Session:
+        # Listening on Session itself would cover every session in the process; demand that
+        # this be said explicitly (install(Session, cache)) rather than happen by accident.
+        raise ValueError(
+            f"{target!r:.100} uses the base Session as its sync_session_class; give it a "
+            f"dedicated one (class MySession(Session): pass; async_sessionmaker(..., "
+            f"sync_session_class=MySession)) or install(Session, cache) to cover all sessions"
+        )
+    return sync_class
+
+
+# -- mapper events: keys of the rows a flush writes ----------------------------------------
+
+
+def _install_mapper_listeners() -> None:
+    global _mapper_listeners_installed
+    if _mapper_listeners_installed:
+        return
+    # On Mapper itself: every mapped class, including subclasses mapped later. Each listener
+    # returns after a dict lookup for classes nobody tracked.
+    event.listen(Mapper, "after_insert", _after_insert)
+    event.listen(Mapper, "before_update", _before_update)
+    event.listen(Mapper, "after_update", _after_update)
+    event.listen(Mapper, "before_delete", _before_delete)
+    _mapper_listeners_installed = True
+
+
+def _flush_context(
+    mapper: Mapper[Any], target: Any
+) -> tuple[InstanceState[Any], Session, _UnitOfWork, tuple[_ModelSpec, ...]] | None:
+    specs = _specs_for(mapper.class_)
+    if not specs:
+        return None
+    state: InstanceState[Any] = inspect(target)
+    session = state.session
+    if session is None:
+        return None
+    uow = _uow_for(session)
+    if uow is None:
+        return None
+    return state, session, uow, specs
+
+
+def _after_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    ctx = _flush_context(mapper, target)
+    if ctx is not None:
+        state, session, uow, specs = ctx
+        values = _current_values(state, mapper, specs, connection)
+        uow.add(session, _keys(specs, values))
+
+
+def _before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    ctx = _flush_context(mapper, target)
+    if ctx is not None:
+        state, session, uow, specs = ctx
+        values = _old_values(state, mapper, specs, connection)
+        uow.add(session, _keys(specs, values))
+
+
+def _after_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    ctx = _flush_context(mapper, target)
+    if ctx is not None:
+        state, session, uow, specs = ctx
+        values = _current_values(state, mapper, specs, connection)
+        uow.add(session, _keys(specs, values))
+
+
+def _before_delete(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    ctx = _flush_context(mapper, target)
+    if ctx is not None:
+        state, session, uow, specs = ctx
+        values = _old_values(state, mapper, specs, connection)
+        uow.add(session, _keys(specs, values))
+
+
+def _keys(specs: Iterable[_ModelSpec], values: Mapping[str, Any]) -> list[str]:
+    return [t.format(values) for spec in specs for t in spec.templates]
+
+
+def _fields(specs: Iterable[_ModelSpec]) -> list[str]:
+    return list(dict.fromkeys(f for spec in specs for f in spec.fields))
+
+
+def _old_values(
+    state: InstanceState[Any],
+    mapper: Mapper[Any],
+    specs: tuple[_ModelSpec, ...],
+    connection: Connection,
+) -> dict[str, Any]:
+    """Key fields as the row holds them now, before this flush writes it."""
+    values: dict[str, Any] = {}
+    missing: list[str] = []
+    for field in _fields(specs):
+        history = state.attrs[field].history
+        if history.deleted:
+            values[field] = history.deleted[0]
+        elif history.unchanged:
+            values[field] = history.unchanged[0]
+        else:
+            missing.append(field)  # expired, deferred, or set without loading the old value
+    if missing:
+        identity = state.identity
+        if identity is None:
+            raise HybridInvalError(f"cannot read old key fields of {state.obj()!r}: no identity")
+        values.update(_select_row(mapper, connection, missing, identity))
+    return values
+
+
+def _current_values(
+    state: InstanceState[Any],
+    mapper: Mapper[Any],
+    specs: tuple[_ModelSpec, ...],
+    connection: Connection,
+) -> dict[str, Any]:
+    """Key fields as this flush left the row (after its INSERT or UPDATE)."""
+    values: dict[str, Any] = {}
+    missing: list[str] = []
+    current = state.dict
+    for field in _fields(specs):
+        value = current.get(field, _MISSING)
+        if value is _MISSING:
+            missing.append(field)  # server default/onupdate, or a SQL expression assigned
+        else:
+            values[field] = value
+    if missing:
+        pk = tuple(current.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key)
+        values.update(_select_row(mapper, connection, missing, pk))
+    return values
+
+
+def _select_row(
+    mapper: Mapper[Any], connection: Connection, fields: list[str], pk: Sequence[Any]
+) -> dict[str, Any]:
+    # Mapper flush events may emit SQL on the flush connection (not through the Session).
+    columns = [mapper.columns[f] for f in fields]
+    criteria = [col == value for col, value in zip(mapper.primary_key, pk, strict=True)]
+    stmt = select(*columns).select_from(mapper.persist_selectable).where(and_(*criteria))
+    row = connection.execute(stmt).first()
+    if row is None:
+        raise HybridInvalError(
+            f"cannot read key fields {fields} of {mapper.class_.__name__} {tuple(pk)!r}: "
+            f"the row is gone"
+        )
+    return dict(zip(fields, row, strict=True))
+
+
+# -- bulk statements -----------------------------------------------------------------------------
+
+
+def _attr_key(mapper: Mapper[Any], column: Any) -> str:
+    key: str = mapper.get_property_by_column(column).key
+    return key
+
+
+def _bulk_update_or_delete(
+    state: ORMExecuteState,
+    uow: _UnitOfWork,
+    mapper: Mapper[Any],
+    specs: tuple[_ModelSpec, ...],
+) -> Result[Any]:
+    """Old keys from the rows the statement will change, locked; new keys read afterwards.
+
+    The statement is pinned to the primary keys selected: with the rows locked (FOR UPDATE, or
+    SQLite's database write lock), none of them can change between the SELECT and the UPDATE,
+    and no row that started to match in between is touched without our knowing its keys. It is
+    as if the statement had run at the moment of the SELECT.
+    """
+    session = state.session
+    cls = mapper.class_
+    pk_keys = [_attr_key(mapper, c) for c in mapper.primary_key]
+    fields = list(dict.fromkeys([*pk_keys, *_fields(specs)]))
+    stmt: Any = state.statement
+    _take_write_lock(state, mapper)
+
+    if state.is_executemany:
+        # ORM bulk UPDATE by primary key: session.execute(update(User), [{"id": 1, ...}, ...]).
+        params = state.parameters
+        rows_params = list(params) if isinstance(params, Sequence) else []
+        try:
+            pks = list(
+                dict.fromkeys(tuple(p[k] for k in pk_keys) for p in rows_params)
+            )
+        except KeyError as exc:
+            raise HybridInvalError(
+                f"bulk UPDATE of tracked {cls.__name__} by primary key: a parameter row lacks "
+                f"{exc}"
+            ) from exc
+        old = _select_rows(state, mapper, fields, _pk_in(mapper, pks), lock=True)
+        uow.add(session, _row_keys(specs, fields, old))
+        result = state.invoke_statement()
+    else:
+        where = stmt.whereclause
+        old = _select_rows(state, mapper, fields, where, lock=True)
+        pks = list(dict.fromkeys(tuple(row[: len(pk_keys)]) for row in old))
+        uow.add(session, _row_keys(specs, fields, old))
+        result = state.invoke_statement(statement=stmt.where(_pk_in(mapper, pks)))
+
+    if state.is_update and pks:
+        new = _select_rows(state, mapper, fields, _pk_in(mapper, pks), lock=False)
+        if len({tuple(r[: len(pk_keys)]) for r in new}) < len(pks):
+            raise HybridInvalError(
+                f"bulk UPDATE of tracked {cls.__name__} changed primary keys (or a trigger "
+                f"removed rows): hybridinval cannot compute the new keys. Update such rows "
+                f"through ORM objects, or roll back"
+            )
+        uow.add(session, _row_keys(specs, fields, new))
+    return result
+
+
+def _take_write_lock(state: ORMExecuteState, mapper: Mapper[Any]) -> None:
+    """On SQLite, which has no FOR UPDATE, take the database write lock before selecting.
+
+    A write statement that matches nothing starts the write transaction; from then on no other
+    connection can commit until ours ends, so the rows selected next are the rows updated.
+    """
+    conn = state.session.connection(bind_arguments=dict(state.bind_arguments))
+    if conn.dialect.name != "sqlite":
+        return
+    pk_col = mapper.primary_key[0]
+    conn.execute(update(pk_col.table).where(false()).values({pk_col.key: pk_col}))
+
+
+def _select_rows(
+    state: ORMExecuteState,
+    mapper: Mapper[Any],
+    fields: list[str],
+    where: Any,
+    *,
+    lock: bool,
+) -> list[Sequence[Any]]:
+    cls = mapper.class_
+    sel: Any = select(*[getattr(cls, f) for f in fields])
+    if where is not None:
+        sel = sel.where(where)
+    if lock:
+        sel = sel.with_for_update()  # rendered as nothing where unsupported (SQLite)
+    params = state.parameters if isinstance(state.parameters, Mapping) else None
+    rows = state.session.execute(
+        sel,
+        params,
+        bind_arguments=dict(state.bind_arguments),
+        execution_options={"autoflush": False},
+    ).all()
+    return [tuple(r) for r in rows]
+
+
+def _pk_in(mapper: Mapper[Any], pks: list[tuple[Any, ...]]) -> Any:
+    if not pks:
+        return false()
+    if len(mapper.primary_key) == 1:
+        return getattr(mapper.class_, _attr_key(mapper, mapper.primary_key[0])).in_(
+            [pk[0] for pk in pks]
+        )
+    attrs = [getattr(mapper.class_, _attr_key(mapper, c)) for c in mapper.primary_key]
+    return tuple_(*attrs).in_(pks)
+
+
+def _row_keys(
+    specs: tuple[_ModelSpec, ...], fields: list[str], rows: Iterable[Sequence[Any]]
+) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(_keys(specs, dict(zip(fields, row, strict=True))))
+    return keys
+
+
+def _bulk_insert(
+    state: ORMExecuteState,
+    uow: _UnitOfWork,
+    mapper: Mapper[Any],
+    specs: tuple[_ModelSpec, ...],
+) -> Result[Any] | None:
+    """Keys of new rows from their parameter rows; a missing field is an error, not a skip.
+
+    A brand-new row can still have stale cache entries: a cached "not found" for its key.
+    """
+    fields = _fields(specs)
+    params = state.parameters
+    if isinstance(params, Mapping) and params:
+        rows: list[Mapping[str, Any]] = [params]
+    elif isinstance(params, Sequence) and params:
+        rows = [p for p in params if isinstance(p, Mapping)]
+    else:
+        rows = [_single_values(state)]
+    missing = sorted({f for row in rows for f in fields if f not in row})
+    if not missing:
+        uow.add(state.session, [k for row in rows for k in _keys(specs, row)])
+        return None
+    if getattr(state.statement, "returning_column_descriptions", None):
+        # The statement has its own RETURNING: read the rows from a frozen copy of the
+        # result and give the caller an identical one.
+        frozen = state.invoke_statement().freeze()
+        returned = [dict(m) for m in frozen().mappings()]
+        if returned and all(f in returned[0] for f in fields):
+            uow.add(state.session, [k for row in returned for k in _keys(specs, row)])
+            return frozen()
+        if not returned:
+            return frozen()
+    raise HybridInvalError(
+        f"bulk INSERT into tracked {mapper.class_.__name__} without values for {missing}: the "
+        f"keys of the new rows cannot be computed. Pass those values, add "
+        f".returning({', '.join(fields)}), or use session.add_all()"
+    )
+
+
+def _single_values(state: ORMExecuteState) -> Mapping[str, Any]:
+    """The literal values of ``insert(Model).values(...)`` (one row), else nothing."""
+    try:
+        compiled = state.statement.compile()  # type: ignore[attr-defined]
+    except Exception:
+        return {}
+    return dict(compiled.params)
+
+
+# -- joined sessions: keys held for an outer connection-level transaction ---------------------
+
+
+class _OuterPending:
+    __slots__ = ("caches", "callbacks", "installation", "keys", "transaction")
+
+    def __init__(self, transaction: Any, installation: Installation) -> None:
+        self.transaction = transaction
+        self.installation = installation
+        self.keys: dict[str, None] = {}
+        self.callbacks: list[Callable[[], object]] = []
+        self.caches: dict[int, HybridCache] = {}
+
+
+_outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = (
+    weakref.WeakKeyDictionary()
+)
+_warned_dialects: set[str] = set()
+
+
+def _defer_to_outer(
+    conn: Connection,
+    keys: list[str],
+    callbacks: list[Callable[[], object]],
+    caches: Iterable[HybridCache],
+    installation: Installation,
+) -> None:
+    entry = _outer_pending.get(conn)
+    outer = conn.get_transaction()
+    if entry is None or entry.transaction is not outer:
+        entry = _outer_pending[conn] = _OuterPending(outer, installation)
+    entry.keys.update(dict.fromkeys(keys))
+    entry.callbacks.extend(callbacks)
+    entry.caches.update((id(c), c) for c in caches)
+    if not event.contains(conn, "commit", _on_outer_commit):
+        event.listen(conn, "commit", _on_outer_commit)
+        event.listen(conn, "rollback", _on_outer_rollback)
+    log.debug("holding %d key(s) until the outer transaction of %r ends", len(keys), conn)
+
+
+def _on_outer_rollback(conn: Connection) -> None:
+    entry = _outer_pending.pop(conn, None)
+    if entry is not None:
+        entry.installation._stats["outer_drops"] += 1
+        log.debug("outer transaction rolled back: dropped %d key(s)", len(entry.keys))
+
+
+def _on_outer_commit(conn: Connection) -> None:
+    # Fired just *before* the DBAPI COMMIT, and SQLAlchemy has no event after it. Publishing
+    # now would let a reader cache the old row under the new version. So the publish rides on
+    # the COMMIT call itself: the pool's connection proxy forwards ``commit`` to the driver, and
+    # an instance attribute there runs first, commits, then publishes.
+    entry = _outer_pending.pop(conn, None)
+    if entry is None:
+        return
+    dialect_class = type(conn.dialect)
+    if dialect_class.do_commit is not DefaultDialect.do_commit:
+        name = dialect_class.__name__
+        if name not in _warned_dialects:
+            _warned_dialects.add(name)
+            log.warning("dialect %s overrides do_commit(); invalidations held for an outer "
+                        "transaction may not be published", name)
+    proxy = conn.connection
+    driver_commit = proxy.dbapi_connection.commit  # type: ignore[union-attr]
+
+    def commit_then_publish() -> None:
+        try:
+            driver_commit()
+        except BaseException:
+            # Published even though COMMIT raised: the outcome may be unknown (connection lost
+            # mid-COMMIT), and an invalidation of data that did not change is harmless. The
+            # callbacks are not run: they must only follow a known commit.
+            vars(proxy).pop("commit", None)
+            _invalidate_committed(list(entry.caches.values()), list(entry.keys))
+            raise
+        vars(proxy).pop("commit", None)
+        entry.installation._stats["outer_publishes"] += 1
+        if entry.keys:
+            _invalidate_committed(list(entry.caches.values()), list(entry.keys))
+        _run_callbacks(entry.callbacks, entry.installation)
+
+    proxy.commit = commit_then_publish  # type: ignore[method-assign]
+
+
+# -- explicit keys -----------------------------------------------------------------------------
+
+
+def invalidate_on_commit(session: Any, *keys: str) -> None:
+    """Invalidate ``keys`` when ``session``'s root transaction commits (never before).
+
+    Keys given inside a SAVEPOINT that rolls back are dropped with it. Raises
+    :class:`TransactionStateError` when no transaction is in progress (``session.begin()``
+    first), ``TypeError`` for a non-str key and ``ValueError`` for an empty or too long one.
+    """
+    for key in keys:
+        if type(key) is not str:
+            raise TypeError(
+                f"invalidate_on_commit: cache keys must be str, got {type(key).__name__}: "
+                f"{key!r:.100}"
+            )
+    sync, uow = _open_unit_of_work(session, "invalidate_on_commit")
+    uow.add(sync, keys)
+
+
+def on_commit(session: Any, callback: Callable[[], object]) -> None:
+    """Call ``callback()`` once ``session``'s root transaction has committed *and* its
+    invalidations have been published, so whatever it triggers reads the new data everywhere.
+
+    Dropped if the transaction (or the SAVEPOINT it was registered in) rolls back; for a session
+    joined to an outer transaction, run after the outer COMMIT. Callbacks run in registration
+    order inside ``commit()``; one that raises is logged and counted (``callback_failures``)
+    and does not stop the others or fail the commit. Not run when the outcome is unknown (a
+    connection lost during COMMIT).
+    """
+    if not callable(callback):
+        raise TypeError(f"on_commit: callback must be callable, got {callback!r:.100}")
+    sync, uow = _open_unit_of_work(session, "on_commit")
+    uow.frame(sync).callbacks.append(callback)
+
+
+def enqueue_on_commit(session: Any, task: Any, *args: Any, **kwargs: Any) -> None:
+    """Send a Celery task (a ``Task`` or a ``Signature``) after the root commit and its
+    invalidations, never for a transaction that rolled back: see :func:`on_commit`.
+
+    ``args``/``kwargs`` go to ``task.apply_async(args=..., kwargs=...)``; without them the
+    signature is sent as built (``task.apply_async()``).
+    """
+    apply_async = getattr(task, "apply_async", None)
+    if not callable(apply_async):
+        raise TypeError(
+            f"enqueue_on_commit: expected a Celery task or signature (with apply_async), got "
+            f"{task!r:.100}"
+        )
+
+    def send() -> object:
+        if args or kwargs:
+            return apply_async(args=args, kwargs=kwargs)
+        return apply_async()
+
+    on_commit(session, send)
+
+
+def _open_unit_of_work(session: Any, caller: str) -> tuple[Session, _UnitOfWork]:
+    sync = _sync_session(session)
+    uow = _uow_for(sync)
+    if uow is None:
+        raise HybridInvalError(
+            f"{caller}: this session's class is not installed; call "
+            f"hybridinval.sqlalchemy.install(session_factory, cache) first, or nothing would "
+            f"ever be published"
+        )
+    if not sync.in_transaction():
+        raise TransactionStateError(
+            f"{caller}: no transaction is in progress on this session; call session.begin() "
+            f"(or do the work inside `with session.begin():`) first"
+        )
+    return sync, uow
+
+
+# -- reading through a session -----------------------------------------------------------------
+
+
+class SessionCache:
+    """``cache`` as seen from one session: never caches what that session could read wrongly.
+
+    Built by ``cache.for_session(session)`` (``session`` may be an AsyncSession). Cheap: make
+    one per use. The session's class must be installed (so its flushed changes are known).
+    """
+
+    __slots__ = ("cache", "session", "uow")
+
+    def __init__(self, cache: HybridCache, session: Any) -> None:
+        self.cache = cache
+        self.session = _sync_session(session)
+        uow = _uow_for(self.session)
+        if uow is None:
+            raise HybridInvalError(
+                "for_session(): this session's class is not installed, so its flushed but "
+                "uncommitted changes are invisible to hybridinval; call "
+                "hybridinval.sqlalchemy.install(session_factory, cache) first"
+            )
+        self.uow = uow
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The cached value, or ``default`` when the session has pending changes to ``key``
+        (the caller then reads the session's own writes from the database)."""
+        if self.is_pending(key):
+            self._count_bypass()
+            return default
+        return self.cache.get(key, default)
+
+    def get_or_set(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T:
+        """``cache.get_or_set(key, loader, ttl)``, unless the value must not be shared: then
+        ``loader()`` is called and its result returned without being stored anywhere."""
+        if self.is_pending(key):
+            self._count_bypass()
+            return loader()
+        # An L1 entry is committed data: fine for any session without changes to it. Only a
+        # fill (which compares a version read now with rows the session reads) cares about the
+        # session's snapshot. The entry is used as read, not looked up again through the core:
+        # evicted in between, the core would fill without the snapshot check.
+        hit = self.cache.get_local(key, _NOT_CACHED)
+        if hit is not _NOT_CACHED:
+            return hit  # type: ignore[no-any-return]
+        if not _snapshot_is_fresh(self.uow.connections):
+            self._count_bypass()
+            return loader()
+        return self.cache.get_or_set(key, loader, ttl)
+
+    async def aget_or_set(
+        self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None
+    ) -> T:
+        """``get_or_set`` for an async loader (an AsyncSession query).
+
+        An L1 hit is answered on the event loop. A miss runs the core's read path in a worker
+        thread (its Redis I/O is blocking), which schedules ``loader()`` back on this loop and
+        waits for it, so the fill guard and the L2 compare-and-set work as for sync loaders.
+        """
+        if self.is_pending(key):
+            self._count_bypass()
+            return await loader()
+        hit = self.cache.get_local(key, _NOT_CACHED)
+        if hit is not _NOT_CACHED:
+            return hit  # type: ignore[no-any-return]
+        if not _snapshot_is_fresh(self.uow.connections):
+            self._count_bypass()
+            return await loader()
+        loop = asyncio.get_running_loop()
+
+        def run_loader() -> T:
+            return asyncio.run_coroutine_threadsafe(_await(loader), loop).result()
+
+        return await asyncio.to_thread(self.cache.get_or_set, key, run_loader, ttl)
+
+    def is_pending(self, key: str) -> bool:
+        """Whether this session has changed, or may have changed, what ``key`` caches."""
+        if type(key) is not str:
+            raise TypeError(f"cache key must be a str, got {type(key).__name__}: {key!r:.100}")
+        if self.uow.has_key(key):
+            return True
+        if _session_is_clean(self.session):
+            return False
+        exact, patterns = _unflushed_keys(self.session)
+        return key in exact or any(p.fullmatch(key) for p in patterns)
+
+    def can_cache(self, key: str) -> bool:
+        """Whether a value loaded through this session now may be stored in L1/L2."""
+        return not self.is_pending(key) and _snapshot_is_fresh(self.uow.connections)
+
+    def _count_bypass(self) -> None:
+        primary = self.uow.primary
+        if primary is not None:
+            primary._stats["bypassed_reads"] += 1
+
+
+_NOT_CACHED: Any = object()
+
+
+def _session_is_clean(session: Session) -> bool:
+    """No unflushed new, dirty or deleted objects. Runs on every read through a session, so it
+    uses SQLAlchemy's own cleanliness check where present (private, but long-standing) rather
+    than building three identity sets."""
+    is_clean = getattr(session, "_is_clean", None)
+    if callable(is_clean):
+        return bool(is_clean())
+    return not (session.new or session.dirty or session.deleted)
+
+
+async def _await(loader: Callable[[], Awaitable[T]]) -> T:
+    return await loader()
+
+
+def _unflushed_keys(session: Session) -> tuple[set[str], list[re.Pattern[str]]]:
+    """Keys of tracked objects changed in the session but not flushed yet.
+
+    Old and new values are both pending. A value not known yet (the id of a new object, an
+    old value never loaded) makes the template a pattern matching any value there.
+    """
+    exact: set[str] = set()
+    patterns: list[re.Pattern[str]] = []
+    if _session_is_clean(session):
+        return exact, patterns
+    for group, is_new in ((session.new, True), (session.dirty, False), (session.deleted, False)):
+        for obj in group:
+            specs = _specs_for(type(obj))
+            if not specs:
+                continue
+            state: InstanceState[Any] = inspect(obj)
+            current: dict[str, Any] = {}
+            old: dict[str, Any] = {}
+            for field in _fields(specs):
+                value = state.dict.get(field, _MISSING)
+                if is_new and value is None:
+                    value = _MISSING  # assigned by the INSERT (autoincrement, defaults)
+                current[field] = value
+                if not is_new:
+                    history = state.attrs[field].history
+                    if history.deleted:
+                        old[field] = history.deleted[0]
+                    elif history.unchanged:
+                        old[field] = history.unchanged[0]
+                    else:
+                        old[field] = _MISSING
+            for values in (current, old) if not is_new else (current,):
+                for spec in specs:
+                    for template in spec.templates:
+                        if any(values[f] is _MISSING for f in template.fields):
+                            patterns.append(template.pattern(values))
+                        else:
+                            exact.add(template.format(values))
+    return exact, patterns
+
+
+def _snapshot_is_fresh(connections: Iterable[Connection]) -> bool:
+    """True when the next statement of the session will see every commit made before it.
+
+    The core reads the L2 version before calling the loader, and that only proves something if
+    the loader's read is newer than the version read. It is, unless the transaction already holds
+    an older snapshot: REPEATABLE READ/SERIALIZABLE after its first statement, or an open SQLite
+    read transaction. No I/O here (an async driver could not do it outside its greenlet): the
+    isolation level was learnt when the connection began.
+    """
+    for conn in connections:
+        if conn.closed or conn.invalidated or not conn.in_transaction():
+            continue
+        if _driver_says_current(conn):
+            continue
+        if _isolation_level(conn, query=False) in _PER_STATEMENT_SNAPSHOT:
+            continue
+        return False
+    return True
+
+
+def _driver_says_current(conn: Connection) -> bool:
+    """Whether the driver shows that the next statement reads the latest committed state.
+
+    * No database transaction open (BEGIN not sent yet): the loader's statement starts one.
+    * SQLite in the driver's legacy transaction mode (pysqlite's and aiosqlite's default): it
+      sends BEGIN only before a write, so an open transaction holds the database write lock and
+      no other connection can commit until it ends.
+
+    False when the driver cannot tell.
+    """
+    try:
+        driver = conn.connection.driver_connection
+    except Exception:
+        return False
+    in_transaction = getattr(driver, "in_transaction", None)  # sqlite3, aiosqlite
+    if isinstance(in_transaction, bool) and conn.dialect.name == "sqlite":
+        if not in_transaction:
+            return True
+        legacy = getattr(driver, "isolation_level", None) is not None and getattr(
+            driver, "autocommit", -1  # sqlite3.LEGACY_TRANSACTION_CONTROL (3.12+), or absent
+        ) == -1
+        return legacy
+    info = getattr(driver, "info", None)  # psycopg 3 (sync and async), psycopg2
+    status = getattr(info, "transaction_status", None)
+    if status is not None:
+        return getattr(status, "name", status) in ("IDLE", 0)
+    return False
+
+
+def _isolation_level(conn: Connection, *, query: bool) -> str:
+    level = conn.get_execution_options().get("isolation_level")
+    if level:
+        return str(level).upper()
+    # Asked once per DBAPI connection (connection.info outlives checkouts); SQLAlchemy restores
+    # the default level on check-in when an execution option changed it.
+    info = conn.info
+    cached = info.get(_ISOLATION_INFO_KEY)
+    if cached is None:
+        if not query:
+            return "UNKNOWN"
+        try:
+            cached = str(conn.get_isolation_level()).upper()
+        except Exception as exc:
+            log.debug("cannot read the isolation level of %r: %s", conn, exc)
+            return "UNKNOWN"
+        info[_ISOLATION_INFO_KEY] = cached
+    return str(cached)

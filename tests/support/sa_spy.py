@@ -1,0 +1,33 @@
+"""A spy on ``HybridCache.invalidate_committed``: what the unit of work published, and when."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hybridinval import HybridCache
+
+
+class Publishes:
+    """Records every ``invalidate_committed`` call of one cache, then lets it through."""
+
+    def __init__(self, cache: HybridCache) -> None:
+        self.calls: list[list[str]] = []
+        self.before_each: list[Callable[[], None]] = []  # run at publish time, first
+        original = cache.invalidate_committed
+
+        def spy(keys: Any) -> bool:
+            batch = list(keys)
+            for hook in self.before_each:
+                hook()
+            self.calls.append(batch)
+            return original(batch)
+
+        cache.invalidate_committed = spy  # type: ignore[method-assign]
+
+    @property
+    def keys(self) -> set[str]:
+        return {k for call in self.calls for k in call}
+
+    def clear(self) -> None:
+        self.calls.clear()

@@ -1,0 +1,392 @@
+"""Which keys a unit of work yields, and how they leave: the ORM flush, bulk statements,
+rollbacks, one round trip per commit, and bad input. Every test runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, delete, event, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from support.sa_models import Address, Item, Membership, Team, TrackedSession, User
+from support.sa_spy import Publishes
+
+from hybridinval import HybridCache, TransactionStateError
+from hybridinval.sqlalchemy import install, invalidate_on_commit, track
+
+pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
+
+
+def seed_users(Sessions: sessionmaker[Any], publishes: Publishes, n: int = 3) -> None:
+    with Sessions.begin() as s:
+        s.add_all(User(id=i, email=f"u{i}@x", name=f"n{i}") for i in range(1, n + 1))
+    publishes.clear()
+
+
+def user_keys(*ids_emails: tuple[int, str]) -> set[str]:
+    return {k for i, e in ids_emails for k in (f"user:{i}", f"user_by_email:{e}")}
+
+
+# -- keys from the ORM flush ---------------------------------------------------------------------
+
+
+def test_insert_update_delete_each_publish_the_rows_keys(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    with Sessions.begin() as s:
+        s.add(User(email="a@x"))  # autoincrement id: known only after the INSERT
+    assert publishes.calls == [["user:1", "user_by_email:a@x"]]
+
+    publishes.clear()
+    with Sessions.begin() as s:
+        s.get(User, 1).name = "renamed"
+    assert publishes.calls == [["user:1", "user_by_email:a@x"]]
+
+    publishes.clear()
+    with Sessions() as s:
+        user = s.get(User, 1)
+        s.commit()  # expires every attribute: the delete must load what its keys need
+        s.delete(user)
+        s.commit()
+    assert publishes.calls == [["user:1", "user_by_email:a@x"]]
+
+
+def test_changing_a_key_field_invalidates_the_old_and_the_new_key(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 2)
+    with Sessions.begin() as s:
+        s.get(User, 1).email = "new1@x"
+    assert set(publishes.calls[0]) == user_keys((1, "u1@x"), (1, "new1@x"))
+
+    # The old value never loaded: set while expired. Still known (read before the UPDATE).
+    publishes.clear()
+    with Sessions.begin() as s:
+        user = s.get(User, 2)
+        s.expire(user, ["email"])
+        user.email = "new2@x"
+    assert set(publishes.calls[0]) == user_keys((2, "u2@x"), (2, "new2@x"))
+
+
+def test_untracked_models_publish_nothing(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    with Sessions.begin() as s:
+        s.add(Team(id=1, name="t"))
+    with Sessions.begin() as s:
+        s.get(Team, 1).name = "u"
+    assert publishes.calls == []
+
+
+def test_relationship_changes(Sessions: sessionmaker[Any], publishes: Publishes) -> None:
+    """A foreign key is a column: moving a child invalidates the old and new parent's key.
+    A parent made dirty by a collection change is invalidated too; orphans are deletes."""
+    seed_users(Sessions, publishes, 2)
+    with Sessions.begin() as s:
+        s.add(Address(id=10, user_id=1, street="a"))
+    assert set(publishes.calls[0]) == {"address:10", "user_addresses:1"}
+
+    publishes.clear()
+    with Sessions.begin() as s:
+        s.get(Address, 10).user_id = 2
+    assert set(publishes.calls[0]) == {"address:10", "user_addresses:1", "user_addresses:2"}
+
+    publishes.clear()
+    with Sessions.begin() as s:
+        parent = s.get(User, 1)
+        parent.addresses.append(Address(id=11, street="b"))
+    assert set(publishes.calls[0]) == {"address:11", "user_addresses:1"} | user_keys((1, "u1@x"))
+
+    publishes.clear()
+    with Sessions() as s:
+        user = s.get(User, 1)
+        assert [a.id for a in user.addresses] == [11]
+        s.commit()  # expire everything: the orphan's key fields are not loaded
+        user.addresses.clear()  # delete-orphan
+        s.commit()
+    assert {"address:11", "user_addresses:1"} <= set(publishes.calls[0])
+
+    publishes.clear()
+    with Sessions() as s:
+        s.delete(s.get(User, 2))  # cascades to address 10
+        s.commit()
+    assert set(publishes.calls[0]) == {"address:10", "user_addresses:2"} | user_keys((2, "u2@x"))
+
+
+# -- rollback: nothing published, nothing left behind ---------------------------------------
+
+
+def test_rollback_publishes_nothing_and_the_next_transaction_starts_clean(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 2)
+    with Sessions() as s:
+        s.get(User, 1).name = "x"
+        invalidate_on_commit(s, "report:1")
+        s.flush()
+        s.rollback()
+        assert publishes.calls == []
+        s.get(User, 2).name = "y"
+        s.commit()
+    assert publishes.calls == [["user:2", "user_by_email:u2@x"]]
+
+
+def test_integrity_error_at_flush_publishes_nothing(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 2)
+    with Sessions() as s:
+        s.get(User, 1).name = "changed before the failure"
+        s.flush()
+        s.add(User(id=3, email="u2@x"))  # duplicate email
+        with pytest.raises(IntegrityError):
+            s.flush()
+        s.rollback()
+        assert publishes.calls == []
+        s.get(User, 2).name = "later"
+        s.commit()
+    assert publishes.calls == [["user:2", "user_by_email:u2@x"]]
+
+
+def test_integrity_error_at_commit_publishes_nothing(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 1)
+    with Sessions() as s:
+        s.add(Membership(id=1, user_id=999))  # deferred FK: checked by COMMIT
+        s.get(User, 1).name = "x"
+        s.flush()
+        with pytest.raises(IntegrityError):
+            s.commit()
+        s.rollback()
+        assert publishes.calls == []
+        s.add(Membership(id=2, user_id=1))
+        s.commit()
+    assert publishes.calls == [["membership:2"]]
+
+
+# -- one round trip, read-your-writes --------------------------------------------------------
+
+
+def test_one_publish_per_commit_and_own_l1_evicted_before_commit_returns(
+    Sessions: sessionmaker[Any], publishes: Publishes, cache: HybridCache
+) -> None:
+    seed_users(Sessions, publishes, 50)
+    for i in range(1, 51):
+        assert cache.get_or_set(f"user:{i}", lambda i=i: {"id": i, "name": f"n{i}"})
+    assert "user:7" in cache.l1.entries
+    sent_before = cache.stats()["invalidations_sent"]
+
+    with Sessions.begin() as s:
+        for user in s.scalars(select(User)):
+            user.name = "bulk"
+        invalidate_on_commit(s, "report:1", "report:1")
+    # commit() has returned: this process no longer holds any of it, in L1 or L2.
+    assert len(publishes.calls) == 1
+    assert set(publishes.calls[0]) == {f"user:{i}" for i in range(1, 51)} | {
+        f"user_by_email:u{i}@x" for i in range(1, 51)
+    } | {"report:1"}
+    assert cache.stats()["invalidations_sent"] - sent_before == 1  # one message, one round trip
+    assert not any(f"user:{i}" in cache.l1.entries for i in range(1, 51))
+    assert cache.l2.get("user:7")[0] is None
+
+
+# -- bulk statements ---------------------------------------------------------------------------
+
+
+def test_bulk_update_publishes_old_and_new_keys_of_matched_rows(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 4)
+    with Sessions.begin() as s:
+        loaded = s.get(User, 1)
+        result = s.execute(
+            update(User).where(User.id <= 2).values(email=User.email + "z", name="bulk")
+        )
+        assert result.rowcount == 2
+        assert loaded.name == "bulk"  # synchronize_session still works on the pinned statement
+    assert set(publishes.calls[0]) == user_keys(
+        (1, "u1@x"), (2, "u2@x"), (1, "u1@xz"), (2, "u2@xz")
+    )
+    with Sessions() as s:
+        assert s.scalars(select(User.email).order_by(User.id)).all() == [
+            "u1@xz", "u2@xz", "u3@x", "u4@x"
+        ]
+
+
+def test_bulk_update_without_key_changes_and_bulk_delete(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    seed_users(Sessions, publishes, 4)
+    with Sessions.begin() as s:
+        s.execute(update(User).where(User.name.in_(["n3", "n4"])).values(name="q"))
+    assert set(publishes.calls[0]) == user_keys((3, "u3@x"), (4, "u4@x"))
+
+    publishes.clear()
+    with Sessions.begin() as s:
+        result = s.execute(delete(User).where(User.name == "q"))
+        assert result.rowcount == 2
+    assert set(publishes.calls[0]) == user_keys((3, "u3@x"), (4, "u4@x"))
+
+    publishes.clear()
+    with Sessions.begin() as s:
+        s.execute(delete(User).where(User.name == "nobody"))
+    assert publishes.calls == []
+
+
+def test_bulk_update_by_primary_key(Sessions: sessionmaker[Any], publishes: Publishes) -> None:
+    seed_users(Sessions, publishes, 3)
+    with Sessions.begin() as s:
+        s.execute(update(User), [{"id": 1, "email": "e1@x"}, {"id": 3, "name": "z"}])
+    assert set(publishes.calls[0]) == user_keys((1, "u1@x"), (1, "e1@x"), (3, "u3@x"))
+
+
+def test_bulk_insert_uses_the_parameter_rows_and_refuses_unknown_keys(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    with Sessions.begin() as s:
+        s.execute(insert(User), [{"id": 5, "email": "a@x"}, {"id": 6, "email": "b@x"}])
+        s.execute(insert(Item).values(id=1, value="v"))
+    assert set(publishes.calls[0]) == user_keys((5, "a@x"), (6, "b@x")) | {"item:1"}
+
+    # Autoincrement ids: the new rows' keys (which may hold a cached "not found") are unknown.
+    with Sessions() as s, pytest.raises(Exception, match=r"without values for \['id'\]"):
+        s.execute(insert(User), [{"email": "c@x"}])
+
+
+def test_bulk_insert_with_returning_reads_the_keys_and_returns_the_rows(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    with Sessions.begin() as s:
+        rows = s.execute(
+            insert(User).returning(User.id, User.email), [{"email": "c@x"}, {"email": "d@x"}]
+        ).all()
+    assert sorted(tuple(r) for r in rows) == [(1, "c@x"), (2, "d@x")]
+    assert set(publishes.calls[0]) == user_keys((1, "c@x"), (2, "d@x"))
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Widget(_Base):
+    __tablename__ = "hi_widgets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str]
+
+
+def test_track_rejects_templates_naming_missing_columns() -> None:
+    with pytest.raises(ValueError, match=r"'widget:\{colour\}'.*'colour'.*_Widget.*id, label"):
+        track(_Widget, keys=["widget:{id}", "widget:{colour}"])
+    with pytest.raises(ValueError, match="placeholders must name a column"):
+        track(_Widget, keys=["widget:{}"])
+    with pytest.raises(ValueError, match="placeholders must name a column"):
+        track(_Widget, keys=["widget:{id.real}"])
+    with pytest.raises(ValueError, match="tags"):
+        track(_Widget, keys=["widget:{id}"], tags=["widgets"])
+    with pytest.raises(TypeError, match="list of templates"):
+        track(_Widget, keys="widget:{id}")
+    with pytest.raises(TypeError, match="not a mapped"):
+        track(int, keys=["x"])
+
+
+def test_invalidate_on_commit_bad_input(Sessions: sessionmaker[Any], publishes: Publishes) -> None:
+    with Sessions() as s:
+        with pytest.raises(TransactionStateError, match="no transaction"):
+            invalidate_on_commit(s, "report:1")
+        s.begin()
+        with pytest.raises(TypeError, match="got int: 42"):
+            invalidate_on_commit(s, "report:1", 42)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            invalidate_on_commit(s, "")
+        s.commit()
+    assert publishes.calls == []  # the valid key before the bad one was not half-added
+
+
+def test_a_key_too_long_fails_the_flush_not_the_publish(
+    engine: Engine, redis_url: str, namespace: str
+) -> None:
+    short = HybridCache.from_url(redis_url, namespace=namespace + "-short", max_key_length=16)
+    spy = Publishes(short)
+    factory = sessionmaker(engine, class_=TrackedSession)
+    installation = install(factory, short)
+    try:
+        with factory() as s:
+            s.add(User(id=1, email="a-rather-long-address@example.com"))
+            with pytest.raises(ValueError, match="characters long"):
+                s.commit()
+            s.rollback()
+            assert s.scalars(select(User)).all() == []
+    finally:
+        installation.uninstall()
+        short.close()
+    assert spy.calls == []
+
+
+def test_sessions_of_other_factories_are_not_affected(
+    engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    other = sessionmaker(engine)
+    with other.begin() as s:
+        s.add(User(id=1, email="a@x"))
+    assert publishes.calls == []
+    with other() as s, pytest.raises(Exception, match="not installed"):
+        invalidate_on_commit(s, "k")
+
+
+def test_bulk_update_keys_stay_exact_when_another_transaction_commits_in_between(
+    db: Any, engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    """Right after the bulk statement's key SELECT, another connection makes user 3 match its
+    WHERE and commits. Either that commit cannot happen (SQLite: we hold the write lock) or the
+    UPDATE must not touch user 3 without publishing its keys (PostgreSQL: pinned to the rows
+    selected and locked)."""
+    from sqlalchemy.exc import OperationalError
+
+    seed_users(Sessions, publishes, 3)
+    with Sessions.begin() as s:
+        s.get(User, 1).name = "target"
+        s.get(User, 2).name = "target"
+    publishes.clear()
+    interloper = db.engine(connect_args={"timeout": 0.2}) if db.kind == "sqlite" else engine
+    outcome: list[str] = []
+
+    def after_key_select(state: Any) -> Any:
+        if not state.is_select or outcome:
+            return None
+        result = state.invoke_statement()  # our SELECT has run; now the interloper commits
+        try:
+            with interloper.begin() as conn:
+                conn.execute(update(User).where(User.id == 3).values(name="target"))
+            outcome.append("committed")
+        except OperationalError:
+            outcome.append("locked out")
+        return result
+
+    with Sessions() as s:
+        s.begin()
+        event.listen(s, "do_orm_execute", after_key_select)
+        result = s.execute(
+            update(User).where(User.name == "target").values(email=User.email + "z"),
+            execution_options={"synchronize_session": False},
+        )
+        event.remove(s, "do_orm_execute", after_key_select)
+        updated = result.rowcount
+        s.commit()
+    with Sessions() as s:
+        emails = {i: e for i, e in s.execute(select(User.id, User.email))}
+    keys = publishes.keys
+    if db.kind == "sqlite":
+        assert outcome == ["locked out"]
+    else:
+        assert outcome == ["committed"]
+    # User 3 untouched: the statement ran as of its SELECT.
+    assert updated == 2 and emails[3] == "u3@x"
+    assert keys == user_keys((1, "u1@x"), (2, "u2@x"), (1, "u1@xz"), (2, "u2@xz"))
+    if interloper is not engine:
+        interloper.dispose()
