@@ -689,10 +689,13 @@ def _install_mapper_listeners() -> None:
         return
     # On Mapper itself: every mapped class, including subclasses mapped later. Each listener
     # returns after a dict lookup for classes nobody tracked.
-    event.listen(Mapper, "after_insert", _after_insert)
-    event.listen(Mapper, "before_update", _before_update)
-    event.listen(Mapper, "after_update", _after_update)
-    event.listen(Mapper, "before_delete", _before_delete)
+    # Old values before UPDATE/DELETE, new values after INSERT/UPDATE: a changed key field
+    # invalidates both the key it had and the key it has.
+    old_keys, new_keys = _key_collector(_old_values), _key_collector(_current_values)
+    event.listen(Mapper, "after_insert", new_keys)
+    event.listen(Mapper, "before_update", old_keys)
+    event.listen(Mapper, "after_update", new_keys)
+    event.listen(Mapper, "before_delete", old_keys)
     _mapper_listeners_installed = True
 
 
@@ -712,36 +715,22 @@ def _flush_context(
     return state, session, uow, specs
 
 
-def _after_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    ctx = _flush_context(mapper, target)
-    if ctx is not None:
-        state, session, uow, specs = ctx
-        values = _current_values(state, mapper, specs, connection)
-        uow.add(session, _keys(specs, values))
+_ValuesReader = Callable[
+    [InstanceState[Any], Mapper[Any], tuple["_ModelSpec", ...], Connection], dict[str, Any]
+]
+_MapperListener = Callable[[Mapper[Any], Connection, Any], None]
 
 
-def _before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    ctx = _flush_context(mapper, target)
-    if ctx is not None:
-        state, session, uow, specs = ctx
-        values = _old_values(state, mapper, specs, connection)
-        uow.add(session, _keys(specs, values))
+def _key_collector(read_values: _ValuesReader) -> _MapperListener:
+    """A mapper listener adding the keys of ``target`` as ``read_values`` sees its row."""
 
+    def collect(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        ctx = _flush_context(mapper, target)
+        if ctx is not None:
+            state, session, uow, specs = ctx
+            uow.add(session, _keys(specs, read_values(state, mapper, specs, connection)))
 
-def _after_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    ctx = _flush_context(mapper, target)
-    if ctx is not None:
-        state, session, uow, specs = ctx
-        values = _current_values(state, mapper, specs, connection)
-        uow.add(session, _keys(specs, values))
-
-
-def _before_delete(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    ctx = _flush_context(mapper, target)
-    if ctx is not None:
-        state, session, uow, specs = ctx
-        values = _old_values(state, mapper, specs, connection)
-        uow.add(session, _keys(specs, values))
+    return collect
 
 
 def _keys(specs: Iterable[_ModelSpec], values: Mapping[str, Any]) -> list[str]:
