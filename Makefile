@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check hybridinval tests benchmarks
+	$(BIN)/ruff check hybridinval tests benchmarks workers alembic
 
 typecheck: venv
 	$(BIN)/mypy

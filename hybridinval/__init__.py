@@ -6,6 +6,7 @@ Optional integrations live in :mod:`hybridinval.sqlalchemy` and :mod:`hybridinva
 
 from ._backplane import RedisPubSubTransport, Transport
 from ._cache import MAX_KEY_LENGTH, HybridCache
+from ._embedded import EmbeddedRedis
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store, RedisL2
 from .errors import (
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "BackendUnavailableError",
     "CacheClosedError",
+    "EmbeddedRedis",
     "HybridCache",
     "HybridInvalError",
     "JsonSerializer",

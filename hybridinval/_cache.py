@@ -171,6 +171,7 @@ class HybridCache:
         socket_timeout: float = 1.0,
         max_key_length: int = MAX_KEY_LENGTH,
         l1_enabled: bool = True,
+        client_name: str | None = None,
     ) -> HybridCache:
         """Build a cache on one Redis URL (``redis://``, ``rediss://`` or ``unix://``).
 
@@ -181,7 +182,8 @@ class HybridCache:
         applications can share one Redis. ``l1_ttl``/``l2_ttl`` are the default lifetimes in
         seconds (a call's ``ttl`` overrides L2's and caps L1's). ``version_ttl`` bounds how long a
         fill may run and still write L2. The health check bounds how long a silently dead
-        backplane connection goes unnoticed: ``interval + timeout``.
+        backplane connection goes unnoticed: ``interval + timeout``. ``client_name`` labels the
+        cache's Redis connections (``CLIENT LIST``), to tell processes apart on the server.
         """
         if not namespace or not isinstance(namespace, str) or any(c in namespace for c in " {}"):
             raise ValueError(f"namespace must be a non-empty string without spaces or braces, "
@@ -192,12 +194,14 @@ class HybridCache:
 
             server = EmbeddedRedis.start()
             url, on_close = server.url, server.stop
-        client = redis_client(url, socket_timeout=socket_timeout)
+        named = {"client_name": client_name} if client_name else {}
+        client = redis_client(url, socket_timeout=socket_timeout, **named)
         transport = RedisPubSubTransport(
             url,
             f"hi:{namespace}:inval",
             health_check_interval=health_check_interval,
             health_check_timeout=health_check_timeout,
+            connection_options=named,
         )
         return cls(
             l2=RedisL2(client, namespace, version_ttl=version_ttl),
@@ -566,6 +570,11 @@ class HybridCache:
                 return
             self._started = True
         self.transport.start(self)
+
+    def start(self) -> None:
+        """Start the subscriber thread now rather than on first use. Never blocks on the network
+        (safe in a Celery ``worker_process_init`` handler, even with Redis down)."""
+        self._ensure_started()
 
     def wait_until_subscribed(self, timeout: float = 5.0) -> bool:
         """Start the subscriber if needed and wait until L1 is in use; False on timeout."""

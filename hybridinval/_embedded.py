@@ -62,6 +62,9 @@ class EmbeddedRedis:
              "--save", "", "--appendonly", "no", "--dir", self.dir,
              "--logfile", os.path.join(self.dir, "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C must not kill Redis before its owner has
+            # stopped the processes that use it; the owner stops it (or atexit does).
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
         while True:

@@ -1,0 +1,23 @@
+# The image of the example deployment (workers/): web, worker and migration all run from it.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first, so that code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY hybridinval ./hybridinval
+RUN pip install ".[deploy]"
+
+COPY workers ./workers
+COPY alembic ./alembic
+COPY alembic.ini ./
+
+RUN useradd --create-home --uid 10001 app
+USER app
+
+EXPOSE 8000
+CMD ["gunicorn", "-c", "workers/gunicorn_conf.py", "workers.web:app"]

