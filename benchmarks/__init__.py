@@ -1,4 +1,5 @@
-"""Benchmarks of hybridinval: ``python -m benchmarks`` (or ``make bench``).
+"""Benchmarks of hybridinval and of what users would pick instead: ``python -m benchmarks``.
 
-Results go to ``benchmarks/results/``: a Markdown table and a JSON file with every figure.
+Results go to ``benchmarks/results/``: ``results.md`` (tables, every figure with its ratio to a
+baseline measured in the same run), ``results.json`` (every figure) and PNG plots.
 """

@@ -243,16 +243,20 @@ def bench_batch_invalidation(url: str, keys: int = 1000, rounds: int = 15) -> di
     }
 
 
-def run_all(url: str, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run_all(
+    url: str, progress: Callable[[str], None] = print, *, quick: bool = False
+) -> dict[str, Any]:
+    """Every hot-path benchmark; ``quick`` cuts rounds and messages for a smoke run."""
+    scale = 0.3 if quick else 1.0
     out: dict[str, Any] = {}
     progress("L1 hit ...")
-    out["l1_hit"] = bench_l1_hit(url)
+    out["l1_hit"] = bench_l1_hit(url, rounds=max(5, int(25 * scale)))
     progress("L2 hit ...")
-    out["l2_hit"] = bench_l2_hit(url)
+    out["l2_hit"] = bench_l2_hit(url, rounds=max(5, int(15 * scale)))
     progress("propagation (two processes) ...")
-    out["propagation"] = bench_propagation(url)
+    out["propagation"] = bench_propagation(url, messages=int(400 * scale))
     progress("1,000-key invalidation ...")
-    out["batch_invalidation"] = bench_batch_invalidation(url)
+    out["batch_invalidation"] = bench_batch_invalidation(url, rounds=max(5, int(15 * scale)))
     return out
 
 

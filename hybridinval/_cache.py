@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
     from .sqlalchemy import SessionCache
 
-__all__ = ["MAX_KEY_LENGTH", "HybridCache"]
+__all__ = ["DEFAULT_SWITCH_INTERVAL", "MAX_KEY_LENGTH", "HybridCache"]
 
 log = logging.getLogger("hybridinval")
 
@@ -61,6 +62,16 @@ T = TypeVar("T")
 
 MAX_KEY_LENGTH = 1024
 """Longest key accepted, in characters. Keys travel in every backplane message."""
+
+DEFAULT_SWITCH_INTERVAL = 0.0005
+"""The interpreter's thread switch interval (``sys.setswitchinterval``) a cache lowers to when its
+subscriber starts, unless built with ``switch_interval=None``.
+
+The subscriber thread needs the GIL to evict. Behind a CPU-bound thread (a busy request or
+task) it waits up to the interval for each GIL hand-off, and delivering one message takes a few:
+at CPython's default 5 ms that was p50 6.4 ms / p99 17 ms of lag here, at 0.5 ms p50 1.7 ms /
+p99 3.7 ms. The setting is process-wide and only ever lowered; it costs nothing while only one
+thread is runnable."""
 
 _monotonic = time.monotonic
 _MISSING: Any = object()
@@ -113,6 +124,7 @@ class HybridCache:
         max_key_length: int = MAX_KEY_LENGTH,
         piggyback_publish: bool = True,
         lag_samples: int = 4096,
+        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         if l1_ttl <= 0 or l2_ttl <= 0 or version_ttl <= 0:
@@ -130,6 +142,7 @@ class HybridCache:
         # invalidation script itself: one round trip, and never before the deletes.
         self._piggyback_channel = transport.channel if piggyback_publish else ""
         self._lag_samples_max = lag_samples
+        self._switch_interval = switch_interval
         self._on_close = on_close
         self._closed = False
         self._reset_process_state()
@@ -172,6 +185,7 @@ class HybridCache:
         max_key_length: int = MAX_KEY_LENGTH,
         l1_enabled: bool = True,
         client_name: str | None = None,
+        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
     ) -> HybridCache:
         """Build a cache on one Redis URL (``redis://``, ``rediss://`` or ``unix://``).
 
@@ -184,6 +198,7 @@ class HybridCache:
         fill may run and still write L2. The health check bounds how long a silently dead
         backplane connection goes unnoticed: ``interval + timeout``. ``client_name`` labels the
         cache's Redis connections (``CLIENT LIST``), to tell processes apart on the server.
+        ``switch_interval``: see :data:`DEFAULT_SWITCH_INTERVAL`; ``None`` leaves it alone.
         """
         if not namespace or not isinstance(namespace, str) or any(c in namespace for c in " {}"):
             raise ValueError(f"namespace must be a non-empty string without spaces or braces, "
@@ -213,6 +228,7 @@ class HybridCache:
             l2_ttl=l2_ttl,
             version_ttl=version_ttl,
             max_key_length=max_key_length,
+            switch_interval=switch_interval,
             on_close=on_close,
         )
 
@@ -569,7 +585,15 @@ class HybridCache:
             if self._started:
                 return
             self._started = True
+        self._lower_switch_interval()
         self.transport.start(self)
+
+    def _lower_switch_interval(self) -> None:
+        wanted = self._switch_interval
+        if wanted is not None and sys.getswitchinterval() > wanted:
+            sys.setswitchinterval(wanted)
+            log.info("thread switch interval lowered to %.1f ms so that invalidations preempt "
+                     "CPU-bound threads (switch_interval=None leaves it alone)", wanted * 1000)
 
     def start(self) -> None:
         """Start the subscriber thread now rather than on first use. Never blocks on the network
