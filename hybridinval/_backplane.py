@@ -224,13 +224,17 @@ class RedisPubSubTransport:
     def _run(self, listener: BackplaneListener) -> None:
         backoff = self._backoff_min
         while not self._stop.is_set():
+            connects_before = self.connects
             try:
                 self._subscribe_and_listen(listener)
-                backoff = self._backoff_min
             except Exception as exc:  # the loop must survive anything
                 if self._stop.is_set():
                     break
-                if self.connects and backoff == self._backoff_min:
+                # A connection that got subscribed counts as a success: the next loss starts
+                # the backoff afresh, so a flapping network never pushes a healthy process to
+                # the maximum wait (the blind period is what the backoff must keep short).
+                if self.connects > connects_before:
+                    backoff = self._backoff_min
                     log.warning(
                         "backplane %s: connection lost (%s); reconnecting", self.channel, exc
                     )

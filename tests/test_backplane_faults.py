@@ -194,3 +194,19 @@ def test_publish_failure_after_commit_is_retried_in_background(
     wait_until(lambda: "k" not in reader.l1.entries, timeout=10, what="retry lands")
     wait_until(lambda: writer.pending_retries() == 0, what="retry queue drained")
     assert writer.stats()["publish_retries_succeeded"] >= 1
+
+
+def test_scripts_survive_a_script_cache_flush(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer
+) -> None:
+    cache = make_cache(redis_server.url)
+    cache.set("k", "v1")
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.script_flush()  # as after a restart or failover: EVALSHA now answers NOSCRIPT
+    cache.set("k", "v2")
+    admin.script_flush()
+    cache.invalidate("k")
+    admin.script_flush()
+    assert cache.get_or_set("k", lambda: "v3") == "v3"
+    assert admin.get(f"hi:{cache.namespace}:d:k") == b'j"v3"'
+    admin.close()
