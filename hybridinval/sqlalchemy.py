@@ -361,7 +361,8 @@ class _UnitOfWork:
         for frame in self.frames.values():
             if key in frame.keys:
                 return True
-        if not _outer_pending:
+        # The underlying dict: WeakKeyDictionary.__len__ is Python code, and this runs per read.
+        if not _outer_pending.data:  # type: ignore[attr-defined]
             return False
         for conn in self.connections:
             outer = _outer_pending.get(conn)
@@ -1234,10 +1235,10 @@ def _session_is_clean(session: Session) -> bool:
     """No unflushed new, dirty or deleted objects. Runs on every read through a session, so it
     uses SQLAlchemy's own cleanliness check where present (private, but long-standing) rather
     than building three identity sets."""
-    is_clean = getattr(session, "_is_clean", None)
-    if callable(is_clean):
-        return bool(is_clean())
-    return not (session.new or session.dirty or session.deleted)
+    try:
+        return bool(session._is_clean())
+    except AttributeError:
+        return not (session.new or session.dirty or session.deleted)
 
 
 async def _await(loader: Callable[[], Awaitable[T]]) -> T:
