@@ -161,6 +161,11 @@ class HybridCache:
         self._lags_us: deque[int] = deque(maxlen=self._lag_samples_max)
         self._stats = dict.fromkeys(_COUNTERS, 0)
         self._retry_keys: set[str] = set()
+        # L1 entries set aside while the backplane is blind, and keys of a restore in progress.
+        self._quarantine: dict[str, Any] = {}
+        self._quarantined_at = 0.0
+        self._incarnation = ""  # of L2, as read at the last subscription
+        self._restoring: set[str] | None = None
         self._retry_in_flight = 0
         self._malformed_log_after = 0.0
         self._retry_thread: threading.Thread | None = None
@@ -307,7 +312,7 @@ class HybridCache:
             if value is not _MISSING or loader is None:
                 return value
         try:
-            value, cacheable = self._fill(key, loader, ttl)
+            value, cacheable, version = self._fill(key, loader, ttl)
         except BaseException as exc:
             fill.error = exc
             with self._lock:
@@ -324,7 +329,7 @@ class HybridCache:
                 if fill.cancelled or fill.epoch != self._epoch or not self._trusted:
                     self._stats["fill_guard_rejections"] += 1
                 else:
-                    self.l1.store(key, value, _monotonic() + lifetime)
+                    self.l1.store(key, value, _monotonic() + lifetime, version)
             if self._fills.get(key) is fill:
                 del self._fills[key]
         fill.finish()
@@ -332,8 +337,9 @@ class HybridCache:
 
     def _fill(
         self, key: str, loader: Callable[[], Any] | None, ttl: float | None
-    ) -> tuple[Any, bool]:
-        """Read L2, else load and write L2. Returns the value and whether L1 may keep it."""
+    ) -> tuple[Any, bool, bytes | None]:
+        """Read L2, else load and write L2. Returns the value, whether L1 may keep it, and the
+        L2 version it is known to belong to (None when unknown)."""
         stats = self._stats
         version: bytes | None = None
         try:
@@ -350,32 +356,32 @@ class HybridCache:
                 log.warning("corrupt L2 payload for %r (%s); treating as a miss", key, exc)
             else:
                 stats["l2_hits"] += 1
-                return value, True
+                return value, True, version
         stats["l2_misses"] += 1
         if loader is None:
-            return _MISSING, False
+            return _MISSING, False, None
         started = _monotonic()
         stats["loads"] += 1
         value = loader()
         payload = self._dumps(key, value)
         if version is None:  # L2 unreachable: L1 only (and only if the backplane is trusted)
-            return value, True
+            return value, True, None
         if _monotonic() - started > self.version_ttl / 2:
             # The version key may have expired and come back meanwhile; a CAS against it
             # would prove nothing. Skip L2 rather than risk a stale write.
             stats["l2_cas_rejections"] += 1
-            return value, True
+            return value, True, None
         try:
             stored = self.l2.cas_set(key, payload, ttl or self.l2_ttl, version)
         except BackendUnavailableError as exc:
             stats["l2_errors"] += 1
             log.debug("L2 write of %r failed: %s", key, exc)
-            return value, True
+            return value, True, None
         if not stored:
             # Invalidated while we loaded: the value is already stale for L1 too.
             stats["l2_cas_rejections"] += 1
-            return value, False
-        return value, True
+            return value, False, None
+        return value, True, version
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -390,7 +396,9 @@ class HybridCache:
         self._ensure_started()
         message = self._message((key,))
         try:
-            self.l2.set(key, payload, ttl or self.l2_ttl, self._piggyback_channel, message)
+            version = self.l2.set(
+                key, payload, ttl or self.l2_ttl, self._piggyback_channel, message
+            )
             if not self._piggyback_channel:
                 self.transport.publish(message)
         except BackendUnavailableError:
@@ -402,7 +410,7 @@ class HybridCache:
             self._cancel_locked((key,))
             if self._trusted:
                 lifetime = min(self.l1_ttl, ttl or self.l1_ttl)
-                self.l1.store(key, value, _monotonic() + lifetime)
+                self.l1.store(key, value, _monotonic() + lifetime, version)
 
     def invalidate(self, *keys: str) -> None:
         """Delete ``keys`` from L2 and evict them from every process's L1 (one round trip)."""
@@ -504,6 +512,9 @@ class HybridCache:
             self._cancel_locked(keys)
 
     def _cancel_locked(self, keys: Iterable[str]) -> None:
+        if self._restoring is not None:
+            keys = list(keys)
+            self._restoring.difference_update(keys)
         fills = self._fills
         for key in keys:
             # Popping, not just flagging: a caller arriving after the invalidation must start a
@@ -514,6 +525,8 @@ class HybridCache:
 
     def _flush_locked(self) -> None:
         self._stats["flushes"] += 1
+        self._quarantine = {}
+        self._restoring = None
         self.l1.clear()
         for fill in self._fills.values():
             fill.cancelled = True
@@ -557,22 +570,99 @@ class HybridCache:
 
     def on_connected(self) -> None:
         with self._lock:
+            quarantine, since = self._quarantine, self._quarantined_at
             # Anything stored before is from before the gap; new epoch so that fills begun while
             # blind cannot store either.
             self._flush_locked()
             self._trusted = True
+            epoch = self._epoch
+            if quarantine:
+                self._restoring = set(quarantine)
         log.info("backplane %s: subscribed (instance %s)", self.transport.channel,
                  self.instance_id)
+        # Off the subscriber thread: its Redis round trips must not hold up the messages that
+        # arrive meanwhile (those cancel the keys they name through _cancel_locked).
+        threading.Thread(
+            target=self._after_subscribe,
+            args=(quarantine, since, epoch),
+            name="hybridinval-restore",
+            daemon=True,
+        ).start()
+
+    def _after_subscribe(self, quarantine: dict[str, Any], since: float, epoch: int) -> None:
+        try:
+            if self._stats["blind_periods"]:
+                # The fault that cut the subscriber may have left pooled L2 sockets silently
+                # dead (a partition); each would cost a caller a full socket timeout.
+                self.l2.reconnect()
+            try:
+                incarnation = self.l2.incarnation()
+            except BackendUnavailableError:
+                incarnation = ""
+            previous, self._incarnation = self._incarnation, incarnation
+            if not quarantine:
+                return
+            if incarnation and incarnation == previous:
+                self._restore(quarantine, since, epoch)
+            else:  # Redis restarted, failed over or was flushed: its versions prove nothing
+                self._stats["l1_quarantine_dropped"] += len(quarantine)
+        except Exception:
+            log.exception("restoring L1 after resubscribing failed; L1 refills from L2")
+        finally:
+            with self._lock:
+                if self._epoch == epoch:
+                    self._restoring = None
 
     def on_blind(self, reason: str) -> None:
         with self._lock:
             was_trusted = self._trusted
             self._trusted = False
+            # Set L1 aside rather than drop it: once subscribed again, entries whose L2 version
+            # did not change can come back (see _restore) instead of every process refilling
+            # its whole L1 from L2 at once after a Redis restart or failover.
+            quarantine = {**self._quarantine, **self._entries}
+            since = self._quarantined_at if self._quarantine else _monotonic()
             self._flush_locked()
+            self._quarantine, self._quarantined_at = quarantine, since
             self._stats["blind_periods"] += was_trusted
         if was_trusted:
-            log.warning("backplane %s: blind (%s); L1 flushed and bypassed until resubscribed",
+            log.warning("backplane %s: blind (%s); L1 set aside and bypassed until resubscribed",
                         self.transport.channel, reason)
+
+    def _restore(self, quarantine: dict[str, Any], since: float, epoch: int) -> None:
+        """Bring back entries set aside while blind whose L2 version is unchanged.
+
+        An invalidation replaces a key's version token in L2 before its message is published,
+        so a token unchanged since the entry was filled proves no invalidation happened while
+        we could not hear. An invalidation after the version read below is heard (we are
+        subscribed): its message, or this process's own invalidate(), removes the key from
+        ``_restoring`` before the store, or evicts it after.
+        """
+        if _monotonic() - since > self.version_ttl / 2:
+            # A version key may have expired and been recreated meanwhile: prove nothing.
+            self._stats["l1_quarantine_dropped"] += len(quarantine)
+            return
+        now = _monotonic()
+        candidates = {k: e for k, e in quarantine.items() if e[4] is not None and e[1] > now}
+        keys = list(candidates)
+        try:
+            versions = self.l2.versions(keys) if keys else []
+        except BackendUnavailableError as exc:
+            log.debug("L1 restore skipped: %s", exc)
+            return
+        restored = 0
+        with self._lock:
+            still = self._restoring
+            if epoch != self._epoch or not self._trusted or still is None:
+                return
+            for key, version in zip(keys, versions, strict=True):
+                entry = candidates[key]
+                if version == entry[4] and key in still and key not in self._entries:
+                    self.l1.store(key, entry[0], entry[1], version)
+                    restored += 1
+            self._stats["l1_restored"] += restored
+        log.info("backplane %s: %d of %d L1 entries unchanged in L2, kept",
+                 self.transport.channel, restored, len(quarantine))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -715,6 +805,8 @@ _COUNTERS = (
     "blind_periods",
     "publish_failures",
     "publish_retries_succeeded",
+    "l1_restored",
+    "l1_quarantine_dropped",
 )
 
 _session_cache_class: type[SessionCache] | None = None

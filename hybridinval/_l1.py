@@ -10,7 +10,9 @@ directly, and an entry present in the map is live. Expired entries are removed b
 comes from invalidation, never from expiry.) Reading the clock on every hit would double the
 cost of a hit on machines where ``time.monotonic()`` is a real system call.
 
-An entry is a small list ``[value, expires_at, hits, hits_seen_by_clock_hand]``.
+An entry is a small list ``[value, expires_at, hits, hits_seen_by_clock_hand, version]``, where
+``version`` is the L2 version token the value was read or written under (``None`` if unknown):
+it lets the cache keep entries across a backplane gap once L2 confirms they are unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class L1Store(Protocol):
 
     entries: dict[str, Entry]
 
-    def store(self, key: str, value: Any, expires_at: float) -> None:
+    def store(self, key: str, value: Any, expires_at: float, version: bytes | None = None) -> None:
         """Insert or replace ``key``. Idempotent. May evict other entries to stay bounded."""
         ...
 
@@ -76,14 +78,14 @@ class MemoryL1:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def store(self, key: str, value: Any, expires_at: float) -> None:
+    def store(self, key: str, value: Any, expires_at: float, version: bytes | None = None) -> None:
         entries = self.entries
         old = entries.pop(key, None)  # re-insert at the young end
         if old is not None:
             self._retired_hits += old[2]
         elif len(entries) >= self.max_entries:
             self._evict_one()
-        entry = [value, expires_at, 0, 0]
+        entry = [value, expires_at, 0, 0, version]
         entries[key] = entry
         heapq.heappush(self._deadlines, (expires_at, next(self._tiebreak), key, entry))
         if len(self._deadlines) > 2 * len(entries) + 1024:
@@ -152,7 +154,7 @@ class NullL1:
     def __len__(self) -> int:
         return 0
 
-    def store(self, key: str, value: Any, expires_at: float) -> None:
+    def store(self, key: str, value: Any, expires_at: float, version: bytes | None = None) -> None:
         return None
 
     def evict_many(self, keys: Iterable[str]) -> int:

@@ -72,8 +72,20 @@ class L2Store(Protocol):
         """Store ``payload`` only if the key's version is still ``version``. Idempotent."""
         ...
 
-    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> None:
-        """Store ``payload`` under a new version; publish ``message`` on ``channel`` if given."""
+    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> bytes:
+        """Store ``payload`` under a new version (returned); publish ``message`` if ``channel``."""
+        ...
+
+    def versions(self, keys: Sequence[str]) -> list[bytes]:
+        """The current version of each key (``b""`` when it has none), in few round trips."""
+        ...
+
+    def incarnation(self) -> str:
+        """Changes whenever the store may have lost versions (restart, failover, flush)."""
+        ...
+
+    def reconnect(self) -> None:
+        """Drop pooled connections (after a network fault they may be silently dead)."""
         ...
 
     def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
@@ -131,15 +143,28 @@ class RedisL2:
             raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
         return bool(stored)
 
-    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> None:
+    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> bytes:
+        version = _new_version()
         try:
             self._eval(
                 self._set,
                 (self._data_prefix + key, self._version_prefix + key),
-                (payload, _ms(ttl), _new_version(), self._version_ttl_ms, channel, message),
+                (payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
             )
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
+        return version
+
+    def versions(self, keys: Sequence[str]) -> list[bytes]:
+        out: list[bytes] = []
+        prefix = self._version_prefix
+        try:
+            for start in range(0, len(keys), 1000):  # bounded replies; still few round trips
+                chunk = [prefix + k for k in keys[start : start + 1000]]
+                out += [v or _ABSENT for v in self._mget(chunk)]  # type: ignore[misc]
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 version read failed: {exc}") from exc
+        return out
 
     def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
         redis_keys = [self._data_prefix + k for k in keys]
@@ -154,6 +179,25 @@ class RedisL2:
             raise BackendUnavailableError(
                 f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
             ) from exc
+
+    def incarnation(self) -> str:
+        # run_id changes on every restart and differs on a promoted replica; the marker key
+        # disappears with FLUSHALL/FLUSHDB. Either way versions may have been lost, and an
+        # unchanged version token would prove nothing.
+        marker = self._data_prefix[: -len("d:")] + "incarnation"
+        try:
+            self.client.set(marker, _new_version(), nx=True)
+            token = self.client.get(marker)
+            run_id = self.client.info("server").get("run_id", "")
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 incarnation read failed: {exc}") from exc
+        return f"{run_id}:{token!r}"
+
+    def reconnect(self) -> None:
+        # Idle connections only: closing a socket under another thread's command makes redis-py
+        # fail with errors that are not RedisErrors. A command in flight on a dead socket ends
+        # with its socket timeout, as it would have anyway.
+        self.client.connection_pool.disconnect(inuse_connections=False)
 
     def close(self) -> None:
         self.client.close()

@@ -210,3 +210,70 @@ def test_scripts_survive_a_script_cache_flush(
     assert cache.get_or_set("k", lambda: "v3") == "v3"
     assert admin.get(f"hi:{cache.namespace}:d:k") == b'j"v3"'
     admin.close()
+
+
+def test_entries_unchanged_in_l2_survive_a_backplane_gap(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    reader = make_cache(tcp_proxy.url)
+    writer = make_cache(redis_server.url)
+    writer.set("same", "same-v1")
+    writer.set("changed", "changed-v1")
+    # Let the reader hear both sets first, or they would (rightly) cancel its fills below.
+    wait_until(lambda: reader.stats()["invalidations_received"] == 2, what="sets heard")
+    fill(reader, "same", "unused")  # an L2 hit: stored with the version it was read under
+    fill(reader, "changed", "unused")
+    fill(reader, "loaded", "loaded-v1")  # a loader fill: stored with the version it CAS'd
+    tcp_proxy.refuse()
+    tcp_proxy.cut()
+    wait_until(lambda: not reader.subscribed, what="blind")
+    assert reader.l1.entries == {}  # never served while blind
+    writer.set("changed", "changed-v2")  # missed by the reader
+    tcp_proxy.accept_again()
+    wait_until(lambda: reader.subscribed, what="resubscribed")
+    wait_until(lambda: reader.stats()["l1_restored"] == 2, what="restore done")
+    assert set(reader.l1.entries) == {"same", "loaded"}
+    assert reader.get("same") == "same-v1" and reader.get("loaded") == "loaded-v1"
+    assert reader.get("changed") == "changed-v2"
+
+
+def test_an_invalidation_during_the_restore_wins(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    """Forced interleaving: the restore has read the old version; then this process invalidates
+    the key (its own echo is ignored, so only the cancellation can stop the restore)."""
+    reader = make_cache(tcp_proxy.url)
+    fill(reader, "k", "old")
+    read_versions, resume = threading.Event(), threading.Event()
+    real_versions = reader.l2.versions
+
+    def versions_then_pause(keys: Any) -> list[bytes]:
+        result = real_versions(keys)
+        read_versions.set()
+        resume.wait(10)
+        return result
+
+    reader.l2.versions = versions_then_pause  # type: ignore[method-assign]
+    tcp_proxy.refuse()
+    tcp_proxy.cut()
+    wait_until(lambda: not reader.subscribed, what="blind")
+    tcp_proxy.accept_again()
+    assert read_versions.wait(10)
+    reader.invalidate("k")
+    resume.set()
+    wait_until(lambda: reader._restoring is None and reader.subscribed, what="restore done")
+    assert "k" not in reader.l1.entries
+    assert reader.stats()["l1_restored"] == 0
+
+
+def test_a_restarted_redis_proves_nothing_so_l1_is_dropped(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer
+) -> None:
+    cache = make_cache(redis_server.url)
+    fill(cache, "k", "v1")
+    redis_server.kill()  # no persistence: every version is gone with it
+    wait_until(lambda: not cache.subscribed, what="blind")
+    redis_server.start()
+    wait_until(lambda: cache.subscribed, timeout=10, what="resubscribed")
+    wait_until(lambda: cache.stats()["l1_quarantine_dropped"] == 1, what="quarantine dropped")
+    assert cache.l1.entries == {} and cache.stats()["l1_restored"] == 0
