@@ -224,9 +224,12 @@ def bench_batch_invalidation(url: str, keys: int = 1000, rounds: int = 15) -> di
         commands: list[str] = []
         original = AbstractConnection.send_packed_command
 
+        caller = threading.get_ident()
+
         def spy(conn: AbstractConnection, command: Any, check_health: bool = True) -> None:
-            packed = b"".join(command) if isinstance(command, list) else bytes(command)
-            commands.append(packed.split(b"\r\n")[2].decode())  # the command's name
+            if threading.get_ident() == caller:  # not the subscriber's PINGs, say
+                packed = b"".join(command) if isinstance(command, list) else bytes(command)
+                commands.append(packed.split(b"\r\n")[2].decode())  # the command's name
             original(conn, command, check_health)
 
         AbstractConnection.send_packed_command = spy  # type: ignore[method-assign]
