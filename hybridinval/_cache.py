@@ -423,9 +423,16 @@ class HybridCache:
         began before can store them. Raises :class:`BackendUnavailableError` if Redis fails:
         other processes were then not told, and this process's L1 entries are evicted anyway.
         """
+        self._send_invalidation(self._checked_batch(keys))
+
+    def _checked_batch(self, keys: Iterable[str]) -> list[str]:
         batch = list(dict.fromkeys(keys))
         for key in batch:
             self._check_key(key)
+        return batch
+
+    def _send_invalidation(self, batch: list[str]) -> None:
+        """One round trip for a deduplicated, checked batch; then evict it locally."""
         if not batch:
             return
         self._ensure_started()
@@ -450,9 +457,9 @@ class HybridCache:
         other writers' lost messages would have evicted either), and the keys are retried in the
         background until Redis takes them. Returns whether the publish succeeded now.
         """
-        batch = list(dict.fromkeys(keys))
+        batch = self._checked_batch(keys)
         try:
-            self.invalidate_many(batch)
+            self._send_invalidation(batch)
         except BackendUnavailableError as exc:
             with self._lock:
                 self._stats["publish_failures"] += 1
@@ -482,7 +489,7 @@ class HybridCache:
             if not batch:
                 return
             try:
-                self.invalidate_many(batch)
+                self._send_invalidation(batch)
             except BackendUnavailableError as exc:
                 with self._lock:
                     self._retry_keys.update(batch)
