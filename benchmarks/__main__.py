@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--l1-ttl", type=float, default=60.0)
     parser.add_argument("--switch-interval", type=float,
                         help="sys.setswitchinterval() in workload processes (diagnostic)")
+    parser.add_argument("--l1-lease-ms", type=float,
+                        help="hybridinval's l1_lease in the workload, 0 = off (diagnostic; "
+                        "default: the library's)")
     return parser.parse_args(argv)
 
 
@@ -114,6 +117,7 @@ def workload_config(args: argparse.Namespace) -> Any:
         fault_at=(0.5, 0.75) if quick else (0.45, 0.6, 0.75, 0.9),
         fault_hold=args.fault_hold if args.fault_hold is not None else (0.1 if quick else 0.3),
         switch_interval=args.switch_interval,
+        l1_lease_ms=args.l1_lease_ms,
     )
 
 

@@ -51,12 +51,16 @@ def redis_url_for(base_url: str, db: int, client_name: str, **query: str) -> str
 
 
 class Env:
-    """Where one contender instance lives: its Redis URL, key prefix and L1 lifetime."""
+    """Where one contender instance lives: its Redis URL, key prefix and L1 lifetime, and any
+    extra ``HybridCache.from_url`` options (diagnostic runs)."""
 
-    def __init__(self, redis_url: str, prefix: str, l1_ttl: float) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, l1_ttl: float, hybridinval: dict[str, Any] | None = None
+    ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.l1_ttl = l1_ttl
+        self.hybridinval = hybridinval or {}
 
 
 class Contender:
@@ -279,7 +283,9 @@ class Hybridinval(Contender):
         from hybridinval import HybridCache
 
         super().__init__(env)
-        self.cache = HybridCache.from_url(env.redis_url, namespace=env.prefix, l1_ttl=env.l1_ttl)
+        self.cache = HybridCache.from_url(
+            env.redis_url, namespace=env.prefix, l1_ttl=env.l1_ttl, **env.hybridinval
+        )
         self.use_sqlalchemy = (
             sqlalchemy_integration_available() if use_sqlalchemy is None else use_sqlalchemy
         )
@@ -323,12 +329,19 @@ class Hybridinval(Contender):
             f"invalidation via {via}",
             f"blind periods: {stats['blind_periods']}, fill-guard rejections: "
             f"{stats['fill_guard_rejections']}, L2 CAS rejections: {stats['l2_cas_rejections']}",
+            f"L1 lease {_ms(self.cache.l1_lease)}: reader waits for the subscriber: "
+            f"{stats['lease_waits']}, L1 flushed for a lagging subscriber: "
+            f"{stats['lease_flushes']}",
             f"backplane lag under load (send -> evicted here): p50 {stats['lag_p50_us']} us, "
             f"p99 {stats['lag_p99_us']} us, max {stats['lag_max_us']} us",
         ]
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _ms(seconds: float | None) -> str:
+    return "off" if seconds is None else f"{seconds * 1000:g} ms"
 
 
 class HybridinvalCore(Hybridinval):

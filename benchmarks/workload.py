@@ -75,6 +75,9 @@ class WorkloadConfig:
     # sys.setswitchinterval() in every workload process; None keeps Python's default (5 ms).
     # A diagnostic: how long a subscriber thread waits for the GIL held by a busy reader.
     switch_interval: float | None = None
+    # hybridinval's l1_lease in ms: None keeps the library default, 0 turns the lease off.
+    # A diagnostic: what the lease costs and what it prevents.
+    l1_lease_ms: float | None = None
 
 
 @dataclass
@@ -247,7 +250,9 @@ class WorkerPool:
 
 
 def _env(spec: _Spec) -> cmod.Env:
-    return cmod.Env(spec.redis_url, spec.prefix, spec.config.l1_ttl)
+    lease = spec.config.l1_lease_ms
+    options = {} if lease is None else {"l1_lease": lease / 1000 if lease else None}
+    return cmod.Env(spec.redis_url, spec.prefix, spec.config.l1_ttl, options)
 
 
 def _sync_child(spec: _Spec, conn: Connection) -> None:

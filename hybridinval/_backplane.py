@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import random
+import select
 import threading
 import time
 from collections.abc import Sequence
@@ -137,6 +138,16 @@ class Transport(Protocol):
         """Forget the parent's thread and sockets without network I/O (we are a new child)."""
         ...
 
+    def caught_up(self, timeout: float) -> float | None:
+        """Wait up to ``timeout`` seconds until every message that has reached this process has
+        been handed to the listener. Returns a ``time.monotonic()`` reading taken before a check
+        that proved it (any message that arrived before that moment has been applied), or
+        ``None`` on timeout. While not subscribed there is nothing to wait for (the listener was
+        told it is blind): return at once. Called from reader threads, never blocks the
+        subscriber. (A duck-typed transport without this method gets no L1 lease: the cache
+        then relies on delivery alone, and logs so.)"""
+        ...
+
 
 class RedisPubSubTransport:
     """Redis Pub/Sub with health-checked subscription and loud blindness.
@@ -178,6 +189,18 @@ class RedisPubSubTransport:
         self._stop = threading.Event()
         self._conn: Any = None
         self.connects = 0
+        self._init_progress()
+
+    def _init_progress(self) -> None:
+        # What caught_up() reads. ``_sock`` is the subscribed connection's socket (None while not
+        # subscribed); ``_busy`` is True whenever bytes may have been read from it but not yet
+        # handed to the listener. The subscriber clears ``_busy`` only after its parser buffer is
+        # empty and sets it again before it reads, so "not busy and nothing readable" proves
+        # that everything that reached the socket so far has been applied.
+        self._sock: Any = None
+        self._busy = False
+        self._progress = threading.Condition(threading.Lock())
+        self._waiters = 0
 
     # -- publishing (used when the L2 cannot piggyback the message) ------------------------
 
@@ -202,6 +225,7 @@ class RedisPubSubTransport:
 
     def stop(self) -> None:
         self._stop.set()
+        self._unsubscribed()
         conn = self._conn
         if conn is not None:
             conn.disconnect()
@@ -220,6 +244,51 @@ class RedisPubSubTransport:
         self._conn = None
         self._publisher = None
         self._stop = threading.Event()
+        self._init_progress()
+
+    # -- delivery progress (read by reader threads) -------------------------------------------
+
+    def caught_up(self, timeout: float) -> float | None:
+        now = time.monotonic()
+        if self._settled():
+            return now
+        deadline = now + timeout
+        with self._progress:
+            self._waiters += 1
+            try:
+                while True:
+                    now = time.monotonic()
+                    if self._settled():
+                        return now
+                    if now >= deadline:
+                        return None
+                    # Woken when the subscriber goes idle; the cap only guards a lost wake-up.
+                    self._progress.wait(min(deadline - now, 0.005))
+            finally:
+                self._waiters -= 1
+
+    def _settled(self) -> bool:
+        sock = self._sock
+        if sock is None:
+            return True  # not subscribed: the listener is blind and keeps no L1
+        if self._busy:
+            return False
+        try:
+            readable, _, _ = select.select((sock,), (), (), 0)
+        except (OSError, ValueError):  # closed under us: the subscriber is about to go blind
+            return False
+        return not readable
+
+    def _idle(self) -> None:
+        """The subscriber has applied everything it read: wake readers waiting in caught_up()."""
+        self._busy = False
+        if self._waiters:
+            with self._progress:
+                self._progress.notify_all()
+
+    def _unsubscribed(self) -> None:
+        self._sock = None
+        self._idle()
 
     def _run(self, listener: BackplaneListener) -> None:
         backoff = self._backoff_min
@@ -241,10 +310,12 @@ class RedisPubSubTransport:
                 else:
                     log.debug("backplane %s: %s", self.channel, exc)
                 self._safe_call(listener.on_blind, str(exc) or type(exc).__name__)
+                self._unsubscribed()
                 self._close_conn()
                 # Full jitter keeps a fleet of processes from reconnecting in lockstep.
                 self._stop.wait(random.uniform(0, backoff))
                 backoff = min(self._backoff_max, backoff * 2)
+        self._unsubscribed()
         self._close_conn()
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
@@ -257,6 +328,9 @@ class RedisPubSubTransport:
         if not (isinstance(reply, list) and reply and reply[0] in (b"subscribe", "subscribe")):
             raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
         self.connects += 1
+        sock = conn._sock  # for select() only; every read goes through redis-py's parser
+        self._busy = True
+        self._sock = sock
         listener.on_connected()
 
         interval, timeout = self.health_check_interval, self.health_check_timeout
@@ -264,6 +338,19 @@ class RedisPubSubTransport:
         next_ping = time.monotonic() + interval
         next_tick = 0.0
         while not self._stop.is_set():
+            # Apply everything redis-py has buffered or the socket holds (can_read(0) reads
+            # without blocking; it also drains TLS records that select() cannot see).
+            while conn.can_read(timeout=0):
+                reply = conn.read_response()
+                if not isinstance(reply, list) or len(reply) < 2:
+                    log.warning("backplane %s: unexpected reply %r", self.channel, reply)
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    self._safe_call(listener.on_message, reply[2])
+                elif kind == b"pong":
+                    ping_sent_at = None
+                    next_ping = time.monotonic() + interval
             now = time.monotonic()
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
@@ -277,18 +364,13 @@ class RedisPubSubTransport:
                 wait = ping_sent_at + timeout - now
             else:
                 wait = next_ping - now
-            if not conn.can_read(timeout=max(0.0, min(wait, next_tick - now))):
-                continue
-            reply = conn.read_response()
-            if not isinstance(reply, list) or len(reply) < 2:
-                log.warning("backplane %s: unexpected reply %r", self.channel, reply)
-                continue
-            kind = reply[0]
-            if kind == b"message":
-                self._safe_call(listener.on_message, reply[2])
-            elif kind == b"pong":
-                ping_sent_at = None
-                next_ping = time.monotonic() + interval
+            self._idle()
+            self._wait_readable(sock, max(0.0, min(wait, next_tick - now)))
+            self._busy = True
+
+    def _wait_readable(self, sock: Any, timeout: float) -> None:
+        """Block until ``sock`` has data (or EOF) or ``timeout`` passes. Reads nothing."""
+        select.select((sock,), (), (), timeout)
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None

@@ -3,12 +3,12 @@
 An L1 store only keeps entries; it never decides whether an entry may be stored (fill guards,
 trust and epochs live in :mod:`hybridinval._cache`, which calls the mutators under its lock).
 
-Reads are lock-free and do no clock read: the cache's hot path reads :attr:`L1Store.entries`
-directly, and an entry present in the map is live. Expired entries are removed by
-:meth:`L1Store.expire`, which the cache calls from its background thread at least every
-100 ms, so an L1 TTL is honoured to within that tick. (L1 TTL is a memory policy: correctness
-comes from invalidation, never from expiry.) Reading the clock on every hit would double the
-cost of a hit on machines where ``time.monotonic()`` is a real system call.
+Reads are lock-free and never look at an entry's deadline: the cache's hot path reads
+:attr:`L1Store.entries` directly, and an entry present in the map is live. Expired entries are
+removed by :meth:`L1Store.expire`, which the cache calls from its background thread at least
+every 100 ms, so an L1 TTL is honoured to within that tick. (L1 TTL is a memory policy:
+correctness comes from invalidation, never from expiry. The one clock read on the hit path is
+the cache's lease check, which is about invalidations.)
 
 An entry is a small list ``[value, expires_at, hits, hits_seen_by_clock_hand, version]``, where
 ``version`` is the L2 version token the value was read or written under (``None`` if unknown):

@@ -361,8 +361,7 @@ class _UnitOfWork:
         for frame in self.frames.values():
             if key in frame.keys:
                 return True
-        # The underlying dict: WeakKeyDictionary.__len__ is Python code, and this runs per read.
-        if not _outer_pending.data:  # type: ignore[attr-defined]
+        if not _outer_pending_data:
             return False
         for conn in self.connections:
             outer = _outer_pending.get(conn)
@@ -990,6 +989,9 @@ class _OuterPending:
 _outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = (
     weakref.WeakKeyDictionary()
 )
+# Its underlying dict, for the per-read emptiness test (WeakKeyDictionary's own __len__ is Python
+# code). The attribute is never rebound, so binding it once is safe.
+_outer_pending_data: dict[Any, _OuterPending] = _outer_pending.data  # type: ignore[attr-defined]
 _warned_dialects: set[str] = set()
 
 
@@ -1142,7 +1144,7 @@ class SessionCache:
     one per use. The session's class must be installed (so its flushed changes are known).
     """
 
-    __slots__ = ("cache", "session", "uow")
+    __slots__ = ("_is_clean", "cache", "session", "uow")
 
     def __init__(self, cache: HybridCache, session: Any) -> None:
         self.cache = cache
@@ -1155,11 +1157,18 @@ class SessionCache:
                 "hybridinval.sqlalchemy.install(session_factory, cache) first"
             )
         self.uow = uow
+        session = self.session
+        # SQLAlchemy's own cleanliness check (private, but long-standing), bound once: it runs
+        # on every read, and building the three identity sets would cost microseconds.
+        self._is_clean: Callable[[], bool] = getattr(
+            session, "_is_clean", lambda: _session_is_clean(session)
+        )
 
     def get(self, key: str, default: Any = None) -> Any:
         """The cached value, or ``default`` when the session has pending changes to ``key``
         (the caller then reads the session's own writes from the database)."""
-        if self.is_pending(key):
+        uow = self.uow  # inline fast path: nothing collected and nothing unflushed
+        if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
             self._count_bypass()
             return default
         return self.cache.get(key, default)
@@ -1167,7 +1176,8 @@ class SessionCache:
     def get_or_set(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T:
         """``cache.get_or_set(key, loader, ttl)``, unless the value must not be shared: then
         ``loader()`` is called and its result returned without being stored anywhere."""
-        if self.is_pending(key):
+        uow = self.uow
+        if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
             self._count_bypass()
             return loader()
         # An L1 entry is committed data: fine for any session without changes to it. Only a
@@ -1191,7 +1201,8 @@ class SessionCache:
         thread (its Redis I/O is blocking), which schedules ``loader()`` back on this loop and
         waits for it, so the fill guard and the L2 compare-and-set work as for sync loaders.
         """
-        if self.is_pending(key):
+        uow = self.uow
+        if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
             self._count_bypass()
             return await loader()
         hit = self.cache.get_local(key, _NOT_CACHED)
@@ -1211,9 +1222,10 @@ class SessionCache:
         """Whether this session has changed, or may have changed, what ``key`` caches."""
         if type(key) is not str:
             raise TypeError(f"cache key must be a str, got {type(key).__name__}: {key!r:.100}")
-        if self.uow.has_key(key):
+        uow = self.uow
+        if (uow.frames or _outer_pending_data) and uow.has_key(key):
             return True
-        if _session_is_clean(self.session):
+        if self._is_clean():
             return False
         exact, patterns = _unflushed_keys(self.session)
         return key in exact or any(p.fullmatch(key) for p in patterns)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from support import RedisServer, TcpProxy, redis_ping, redis_server_binary
+
+from hybridinval import HybridCache
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -94,6 +97,24 @@ def postgres_url() -> str:
 def namespace() -> str:
     """Unique per-test prefix for keys and channels on the shared Redis."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_cache(redis_url: str, namespace: str) -> Iterator[Callable[..., HybridCache]]:
+    """Subscribed caches on the shared Redis in this test's namespace (``url=`` and any
+    ``from_url`` option override); all closed at the end of the test."""
+    caches: list[HybridCache] = []
+
+    def make(**options: Any) -> HybridCache:
+        options.setdefault("namespace", namespace)
+        cache = HybridCache.from_url(options.pop("url", redis_url), **options)
+        caches.append(cache)
+        assert cache.wait_until_subscribed(10), "subscriber did not connect"
+        return cache
+
+    yield make
+    for cache in caches:
+        cache.close()
 
 
 @pytest.fixture

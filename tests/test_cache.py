@@ -31,23 +31,6 @@ CacheFactory = Callable[..., HybridCache]
 
 
 @pytest.fixture
-def make_cache(redis_url: str, namespace: str) -> Iterator[CacheFactory]:
-    caches: list[HybridCache] = []
-
-    def make(**options: Any) -> HybridCache:
-        options.setdefault("namespace", namespace)
-        options.setdefault("url", redis_url)
-        cache = HybridCache.from_url(options.pop("url"), **options)
-        caches.append(cache)
-        assert cache.wait_until_subscribed(10), "subscriber did not connect"
-        return cache
-
-    yield make
-    for cache in caches:
-        cache.close()
-
-
-@pytest.fixture
 def raw(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
@@ -524,7 +507,8 @@ def test_stats_has_the_documented_counters(make_cache: CacheFactory) -> None:
     for name in (
         "l1_hits", "l1_misses", "l2_hits", "l2_misses", "invalidations_sent",
         "invalidations_received", "flushes", "fill_guard_rejections", "lag_p50_us",
-        "lag_p99_us", "publish_failures", "subscribed", "instance_id",
+        "lag_p99_us", "publish_failures", "subscribed", "instance_id", "lease_waits",
+        "lease_flushes",
     ):
         assert name in stats
 
