@@ -609,9 +609,10 @@ class HybridCache:
             if fill is not None:
                 fill.cancelled = True
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, *, keep_quarantine: bool = False) -> None:
         self._stats["flushes"] += 1
-        self._quarantine = {}
+        if not keep_quarantine:
+            self._quarantine = {}
         self._restoring = None
         self.l1.clear()
         for fill in self._fills.values():
@@ -658,8 +659,9 @@ class HybridCache:
         with self._lock:
             quarantine, since = self._quarantine, self._quarantined_at
             # Anything stored before is from before the gap; new epoch so that fills begun while
-            # blind cannot store either.
-            self._flush_locked()
+            # blind cannot store either. The quarantine stays until a restore has dealt with it:
+            # if the connection drops again first (a flapping network), the next one restores.
+            self._flush_locked(keep_quarantine=True)
             self._trusted = True
             epoch = self._epoch
             if quarantine:
@@ -696,8 +698,9 @@ class HybridCache:
             log.exception("restoring L1 after resubscribing failed; L1 refills from L2")
         finally:
             with self._lock:
-                if self._epoch == epoch:
+                if self._epoch == epoch:  # done with the quarantine: restored or proven stale
                     self._restoring = None
+                    self._quarantine = {}
 
     def on_blind(self, reason: str) -> None:
         with self._lock:

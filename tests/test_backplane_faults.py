@@ -41,6 +41,30 @@ def fill(cache: HybridCache, key: str, value: object) -> None:
     assert key in cache.l1.entries
 
 
+def pause_first_restore(cache: HybridCache) -> tuple[threading.Event, threading.Event]:
+    """Make the cache's first L1 restore pause right after it read the L2 versions. Returns
+    (paused, resume); later restores run through."""
+    paused, resume = threading.Event(), threading.Event()
+    real_versions = cache.l2.versions
+
+    def versions(keys: Any) -> list[bytes]:
+        result = real_versions(keys)
+        if not paused.is_set():
+            paused.set()
+            resume.wait(10)
+        return result
+
+    cache.l2.versions = versions  # type: ignore[method-assign]
+    return paused, resume
+
+
+def cut_off(proxy: TcpProxy, cache: HybridCache) -> None:
+    """Cut the cache's connections through ``proxy`` and refuse new ones until blind."""
+    proxy.refuse()
+    proxy.cut()
+    wait_until(lambda: not cache.subscribed, what="blind")
+
+
 def blind_count(cache: HybridCache) -> int:
     return int(cache.stats()["blind_periods"])
 
@@ -244,19 +268,8 @@ def test_an_invalidation_during_the_restore_wins(
     the key (its own echo is ignored, so only the cancellation can stop the restore)."""
     reader = make_cache(tcp_proxy.url)
     fill(reader, "k", "old")
-    read_versions, resume = threading.Event(), threading.Event()
-    real_versions = reader.l2.versions
-
-    def versions_then_pause(keys: Any) -> list[bytes]:
-        result = real_versions(keys)
-        read_versions.set()
-        resume.wait(10)
-        return result
-
-    reader.l2.versions = versions_then_pause  # type: ignore[method-assign]
-    tcp_proxy.refuse()
-    tcp_proxy.cut()
-    wait_until(lambda: not reader.subscribed, what="blind")
+    read_versions, resume = pause_first_restore(reader)
+    cut_off(tcp_proxy, reader)
     tcp_proxy.accept_again()
     assert read_versions.wait(10)
     reader.invalidate("k")
@@ -264,6 +277,30 @@ def test_an_invalidation_during_the_restore_wins(
     wait_until(lambda: reader._restoring is None and reader.subscribed, what="restore done")
     assert "k" not in reader.l1.entries
     assert reader.stats()["l1_restored"] == 0
+
+
+def test_a_gap_that_recurs_before_the_restore_ran_still_restores(
+    make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
+) -> None:
+    """A flapping network: the connection drops again while the first restore is in flight.
+    The entries set aside must survive for the next restore, not vanish with the first."""
+    reader = make_cache(tcp_proxy.url)
+    writer = make_cache(redis_server.url)
+    fill(reader, "same", "same-v1")
+    fill(reader, "changed", "changed-v1")
+    in_restore, resume = pause_first_restore(reader)
+    cut_off(tcp_proxy, reader)
+    tcp_proxy.accept_again()
+    assert in_restore.wait(10)
+    cut_off(tcp_proxy, reader)  # second gap, before the first restore stored anything
+    assert blind_count(reader) == 2
+    writer.set("changed", "changed-v2")  # missed by the reader
+    resume.set()  # the first restore finds its epoch gone and stores nothing
+    tcp_proxy.accept_again()
+    wait_until(lambda: reader.stats()["l1_restored"] == 1, what="second restore")
+    assert set(reader.l1.entries) == {"same"}
+    assert reader.get("same") == "same-v1" and reader.get("changed") == "changed-v2"
+    assert reader._quarantine == {}  # released once a restore has dealt with it
 
 
 def test_a_restarted_redis_proves_nothing_so_l1_is_dropped(
