@@ -219,7 +219,11 @@ def bench_propagation(url: str, messages: int = 400) -> dict[str, Any]:
 def bench_batch_invalidation(url: str, keys: int = 1000, rounds: int = 15) -> dict[str, Any]:
     with HybridCache.from_url(url, namespace=f"bench-{uuid.uuid4().hex[:8]}") as cache:
         batch = [f"user:{i}" for i in range(keys)]
-        cache.get("warm-up")  # the pooled connection's handshake is not the invalidation's
+        # Subscribed, script loaded, pooled connection open: the handshakes are not the
+        # invalidation's, nor a connection opened because the subscribe-time L2 check (on its
+        # own thread) held the pooled one at that moment.
+        assert cache.wait_until_subscribed(10)
+        cache.invalidate_many(batch)
         # Count what goes over the wire: every packed command written to a socket.
         commands: list[str] = []
         original = AbstractConnection.send_packed_command

@@ -10,8 +10,10 @@ every 100 ms, so an L1 TTL is honoured to within that tick. (L1 TTL is a memory 
 correctness comes from invalidation, never from expiry. The one clock read on the hit path is
 the cache's lease check, which is about invalidations.)
 
-An entry is a small list ``[value, expires_at, hits, hits_seen_by_clock_hand, version]``, where
-``version`` is the L2 version token the value was read or written under (``None`` if unknown):
+An entry is a small list ``[value, expires_at, referenced, version]``: ``referenced`` is the
+CLOCK reference bit, which a hit sets to 1 (a constant store: counting hits there would cost a
+hit about 50 ns, as much as the rest of it, so hits are counted only on request, by the cache),
+and ``version`` is the L2 version token the value was read or written under (``None`` if unknown):
 it lets the cache keep entries across a backplane gap once L2 confirms they are unchanged.
 """
 
@@ -52,17 +54,15 @@ class L1Store(Protocol):
         """Remove entries whose ``expires_at`` is at or before ``now``; return how many."""
         ...
 
-    def hits(self) -> int:
-        """Hits counted by readers on entries, including entries since removed."""
-        ...
 
 
 class MemoryL1:
     """A bounded map with per-entry expiry and CLOCK (second-chance) eviction.
 
-    CLOCK approximates LRU without reordering the map on a hit: a hit only bumps the entry's hit
-    count, and eviction walks from the oldest insertion, giving an entry hit since the hand last
-    passed a second chance. Expiry uses a heap of deadlines, so a tick costs O(expired · log n).
+    CLOCK approximates LRU without reordering the map on a hit: a hit only sets the entry's
+    reference bit, and eviction walks from the oldest insertion, giving an entry referenced since
+    the hand last passed a second chance (and clearing its bit). Expiry uses a heap of
+    deadlines, so a tick costs O(expired · log n).
     """
 
     def __init__(self, max_entries: int = 10_000) -> None:
@@ -73,7 +73,6 @@ class MemoryL1:
         self.evictions = 0
         self._deadlines: list[tuple[float, int, str, Entry]] = []
         self._tiebreak = itertools.count()
-        self._retired_hits = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -81,11 +80,9 @@ class MemoryL1:
     def store(self, key: str, value: Any, expires_at: float, version: bytes | None = None) -> None:
         entries = self.entries
         old = entries.pop(key, None)  # re-insert at the young end
-        if old is not None:
-            self._retired_hits += old[2]
-        elif len(entries) >= self.max_entries:
+        if old is None and len(entries) >= self.max_entries:
             self._evict_one()
-        entry = [value, expires_at, 0, 0, version]
+        entry = [value, expires_at, 0, version]
         entries[key] = entry
         heapq.heappush(self._deadlines, (expires_at, next(self._tiebreak), key, entry))
         if len(self._deadlines) > 2 * len(entries) + 1024:
@@ -93,15 +90,14 @@ class MemoryL1:
 
     def _evict_one(self) -> None:
         entries = self.entries
-        # At most one full revolution: every entry hit since the last pass loses its chance.
+        # At most one full revolution: every entry referenced since the last pass loses its bit.
         for _ in range(len(entries) + 1):
             key = next(iter(entries))
             entry = entries.pop(key)
-            if entry[2] != entry[3]:
-                entry[3] = entry[2]
+            if entry[2]:
+                entry[2] = 0
                 entries[key] = entry
                 continue
-            self._retired_hits += entry[2]
             self.evictions += 1
             return
 
@@ -109,16 +105,13 @@ class MemoryL1:
         pop = self.entries.pop
         count = 0
         for key in keys:
-            entry = pop(key, None)
-            if entry is not None:
-                self._retired_hits += entry[2]
+            if pop(key, None) is not None:
                 count += 1
         return count
 
     def clear(self) -> int:
         entries = self.entries
         count = len(entries)
-        self._retired_hits += sum(e[2] for e in entries.values())
         entries.clear()  # in place: the cache's hot path holds a reference to this dict
         self._deadlines.clear()
         return count
@@ -131,13 +124,8 @@ class MemoryL1:
             # The heap keeps items for replaced or evicted entries; only remove the live one.
             if entries.get(key) is entry:
                 del entries[key]
-                self._retired_hits += entry[2]
                 count += 1
         return count
-
-    def hits(self) -> int:
-        live: int = sum(e[2] for e in list(self.entries.values()))
-        return self._retired_hits + live
 
     def _compact(self) -> None:
         entries = self.entries
@@ -164,7 +152,4 @@ class NullL1:
         return 0
 
     def expire(self, now: float) -> int:
-        return 0
-
-    def hits(self) -> int:
         return 0

@@ -45,7 +45,7 @@ def received(cache: HybridCache, n: int) -> Callable[[], bool]:
 
 
 def test_get_or_set_fills_l2_then_l1(make_cache: CacheFactory) -> None:
-    a, b = make_cache(), make_cache()
+    a, b = make_cache(), make_cache(count_hits=True)
     calls: list[int] = []
     assert a.get_or_set("user:1", lambda: calls.append(1) or {"id": 1}) == {"id": 1}
     assert "user:1" in a.l1.entries
@@ -55,6 +55,16 @@ def test_get_or_set_fills_l2_then_l1(make_cache: CacheFactory) -> None:
     assert b.get("user:1") == {"id": 1}
     stats = b.stats()
     assert stats["l2_hits"] == 1 and stats["l1_hits"] == 1 and stats["loads"] == 0
+    assert a.stats()["l1_hits"] is None  # not counted unless asked for
+
+
+def test_counted_hits_cover_every_read_method(make_cache: CacheFactory) -> None:
+    cache = make_cache(count_hits=True)
+    cache.get_or_set("k", lambda: 1)  # a miss
+    assert cache.get("k") == 1 and cache.get_or_set("k", lambda: 2) == 1
+    assert cache.get_local("k") == 1 and cache.get_local("absent") is None
+    assert cache.get.__doc__ and "L1" in cache.get.__doc__
+    assert cache.stats()["l1_hits"] == 3
 
 
 def test_get_returns_default_and_caches_nothing_on_a_miss(make_cache: CacheFactory) -> None:

@@ -39,7 +39,7 @@ app.conf.update(
 def make_cache() -> HybridCache:
     """Called once in each task-running process; must not (and does not) touch the network."""
     current = load()
-    return HybridCache.from_url(current.redis_url, namespace=current.namespace)
+    return HybridCache.from_url(current.redis_url, namespace=current.namespace, count_hits=True)
 
 
 integration = hybrid_celery.install(app, make_cache)

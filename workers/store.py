@@ -72,7 +72,8 @@ class Runtime:
             "write_retries": self.counters["write_retries"],
             "l1_hits": hits,
             "l1_misses": misses,
-            "l1_hit_ratio": hits / (hits + misses) if hits + misses else None,
+            # None when the cache was built without count_hits=True.
+            "l1_hit_ratio": hits / (hits + misses) if hits is not None and hits + misses else None,
             "invalidations_received": cache["invalidations_received"],
             "lag_p50_us": cache["lag_p50_us"],
             "lag_p99_us": cache["lag_p99_us"],
@@ -126,7 +127,9 @@ def runtime(role: str = "web", cache: Callable[[], HybridCache] | None = None) -
         engine = make_engine(settings.database_url)
         owns = cache is None
         the_cache = (
-            HybridCache.from_url(settings.redis_url, namespace=settings.namespace)
+            # The example reports its L1 hit ratio, so it asks for hits to be counted.
+            HybridCache.from_url(settings.redis_url, namespace=settings.namespace,
+                                 count_hits=True)
             if cache is None else cache()
         )
         Sessions = sessionmaker(engine, expire_on_commit=False)

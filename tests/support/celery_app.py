@@ -71,7 +71,8 @@ def make_cache() -> HybridCache:
     if delay:
         time.sleep(delay)  # a misbehaving factory, for the test that shows the limit bites
     return HybridCache.from_url(
-        os.environ["HI_TEST_CACHE_URL"], namespace=os.environ["HI_TEST_NAMESPACE"], **FAST
+        os.environ["HI_TEST_CACHE_URL"], namespace=os.environ["HI_TEST_NAMESPACE"],
+        count_hits=True, **FAST
     )
 
 
