@@ -9,11 +9,10 @@ Two layers:
   out in the totals (its organic stale reads are counted but luck decides how many), and
   hybridinval must report zero.
 
-The harness runs with 2 readers instead of 4, each pausing 1 ms after every 100 reads (a web
-worker between requests): the test checks that invalidations are never *missed* (lost messages,
-stale sets, serving while blind), not throughput. With CPU-bound readers on two cores a message
-can also be applied *late*, more than the 10 ms grace after the commit, because the subscriber
-thread waits for the GIL and the scheduler; the full benchmark measures that case and reports it.
+The harness runs with 2 readers instead of 4, for a few seconds. The hand-rolled run's readers
+pause 1 ms after every 100 reads (a web worker between requests); hybridinval's readers do not
+pause at all: CPU-bound readers are the case where a subscriber thread waits longest for the
+scheduler and the GIL, and the L1 lease must still keep every read within the grace.
 """
 
 from __future__ import annotations
@@ -115,9 +114,9 @@ def pool() -> Iterator[WorkerPool]:
         yield workers
 
 
-def quick_config(*, plant_stale: bool = False) -> WorkloadConfig:
+def quick_config(*, plant_stale: bool = False, pause: float = 0.001) -> WorkloadConfig:
     config: WorkloadConfig = workload_config(parse_args(["--quick"]))
-    return dataclasses.replace(config, readers=2, duration=3.0, pause_per_session=0.001,
+    return dataclasses.replace(config, readers=2, duration=3.0, pause_per_session=pause,
                                plant_stale=plant_stale)
 
 
@@ -139,7 +138,7 @@ def test_harness_detects_staleness_in_the_hand_rolled_contender(
 def test_hybridinval_serves_no_stale_read_through_subscriber_kills(
     pool: WorkerPool, redis_url: str, postgres_url: str
 ) -> None:
-    result = run_contender("hybridinval", quick_config(), redis_url, postgres_url,
+    result = run_contender("hybridinval", quick_config(pause=0.0), redis_url, postgres_url,
                            pool=pool, progress=lambda s: None)
     assert "error" not in result, result.get("error")
     assert result["reads"] > 0 and result["writes"] > 0
