@@ -719,7 +719,10 @@ class HybridCache:
             else:  # Redis restarted, failed over or was flushed: its versions prove nothing
                 self._stats["l1_quarantine_dropped"] += len(quarantine)
         except Exception:
-            log.exception("restoring L1 after resubscribing failed; L1 refills from L2")
+            if self._closed:  # close() pulled the connections from under us: nothing to restore
+                log.debug("L1 restore abandoned: the cache was closed", exc_info=True)
+            else:
+                log.exception("restoring L1 after resubscribing failed; L1 refills from L2")
         finally:
             with self._lock:
                 if self._epoch == epoch:  # done with the quarantine: restored or proven stale
