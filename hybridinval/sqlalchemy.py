@@ -748,22 +748,21 @@ def _old_values(
     connection: Connection,
 ) -> dict[str, Any]:
     """Key fields as the row holds them now, before this flush writes it."""
-    values: dict[str, Any] = {}
-    missing: list[str] = []
-    for field in _fields(specs):
+
+    def known(field: str) -> Any:
         history = state.attrs[field].history
         if history.deleted:
-            values[field] = history.deleted[0]
-        elif history.unchanged:
-            values[field] = history.unchanged[0]
-        else:
-            missing.append(field)  # expired, deferred, or set without loading the old value
-    if missing:
-        identity = state.identity
-        if identity is None:
+            return history.deleted[0]
+        if history.unchanged:
+            return history.unchanged[0]
+        return _MISSING  # expired, deferred, or set without loading the old value
+
+    def pk() -> Sequence[Any]:
+        if state.identity is None:
             raise HybridInvalError(f"cannot read old key fields of {state.obj()!r}: no identity")
-        values.update(_select_row(mapper, connection, missing, identity))
-    return values
+        return state.identity
+
+    return _key_fields(specs, known, mapper, connection, pk)
 
 
 def _current_values(
@@ -773,18 +772,34 @@ def _current_values(
     connection: Connection,
 ) -> dict[str, Any]:
     """Key fields as this flush left the row (after its INSERT or UPDATE)."""
+    current = state.dict
+
+    def pk() -> Sequence[Any]:
+        return tuple(current.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key)
+
+    # Missing: a server default/onupdate, or a SQL expression assigned.
+    return _key_fields(specs, lambda f: current.get(f, _MISSING), mapper, connection, pk)
+
+
+def _key_fields(
+    specs: tuple[_ModelSpec, ...],
+    known: Callable[[str], Any],
+    mapper: Mapper[Any],
+    connection: Connection,
+    pk: Callable[[], Sequence[Any]],
+) -> dict[str, Any]:
+    """The specs' key fields: ``known(field)`` where it knows them (else ``_MISSING``), and the
+    rest in one SELECT by primary key."""
     values: dict[str, Any] = {}
     missing: list[str] = []
-    current = state.dict
     for field in _fields(specs):
-        value = current.get(field, _MISSING)
+        value = known(field)
         if value is _MISSING:
-            missing.append(field)  # server default/onupdate, or a SQL expression assigned
+            missing.append(field)
         else:
             values[field] = value
     if missing:
-        pk = tuple(current.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key)
-        values.update(_select_row(mapper, connection, missing, pk))
+        values.update(_select_row(mapper, connection, missing, pk()))
     return values
 
 

@@ -75,9 +75,7 @@ def test_cut_connection_flushes_l1_and_bypasses_until_resubscribed(
     reader = make_cache(tcp_proxy.url)
     writer = make_cache(redis_server.url)
     fill(reader, "k", "v1")
-    tcp_proxy.refuse()  # no way back in for now
-    tcp_proxy.cut()
-    wait_until(lambda: not reader.subscribed, what="reader notices the cut")
+    cut_off(tcp_proxy, reader)  # no way back in until accept_again()
     assert reader.l1.entries == {}
     # While blind: reads work (L2 unreachable through the proxy, so the loader serves them)
     # and nothing is stored in L1.
@@ -180,9 +178,7 @@ def test_fill_begun_while_blind_cannot_store_after_resubscribe(
     make_cache: Callable[..., HybridCache], redis_server: RedisServer, tcp_proxy: TcpProxy
 ) -> None:
     reader = make_cache(tcp_proxy.url)
-    tcp_proxy.refuse()
-    tcp_proxy.cut()
-    wait_until(lambda: not reader.subscribed, what="blind")
+    cut_off(tcp_proxy, reader)  # no way back in until accept_again()
     loading, resume = threading.Event(), threading.Event()
 
     def loader() -> str:
@@ -248,9 +244,7 @@ def test_entries_unchanged_in_l2_survive_a_backplane_gap(
     fill(reader, "same", "unused")  # an L2 hit: stored with the version it was read under
     fill(reader, "changed", "unused")
     fill(reader, "loaded", "loaded-v1")  # a loader fill: stored with the version it CAS'd
-    tcp_proxy.refuse()
-    tcp_proxy.cut()
-    wait_until(lambda: not reader.subscribed, what="blind")
+    cut_off(tcp_proxy, reader)  # no way back in until accept_again()
     assert reader.l1.entries == {}  # never served while blind
     writer.set("changed", "changed-v2")  # missed by the reader
     tcp_proxy.accept_again()

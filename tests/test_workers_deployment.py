@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from support import RedisServer, free_port
 from support.celery_worker import CeleryWorker, Spawned
+from support.migrations import alembic, private_schema
 from support.repo import REPO_ROOT
 from support.waiting import wait_until
 
@@ -44,23 +41,9 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
 @pytest.fixture
 def pg_schema_url(postgres_url: str) -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh schema, migrated to head; dropped after."""
-    schema = f"dep_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
-        rendered = url.render_as_string(hide_password=False)
-        env = {**os.environ, "DATABASE_URL": rendered}
-        done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, done.stderr
-        yield rendered
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
+    with private_schema(postgres_url, "dep") as url:
+        alembic(url, "upgrade", "head")
+        yield url
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+
+from .closing import ClosesOnExit
 
 __all__ = ["CeleryWorker", "Spawned", "descendants", "group_members", "pid_alive"]
 
@@ -71,7 +72,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-class Spawned:
+class Spawned(ClosesOnExit):
     """A command in a new session (its own process group), output to ``log_path``."""
 
     def __init__(
@@ -148,16 +149,6 @@ class Spawned:
             if not self._log.closed:
                 self._log.close()
 
-    def __enter__(self) -> Spawned:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} pid={self.pid} alive={self.alive()}>"

@@ -22,7 +22,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
+
+from .closing import ClosesOnExit
 
 __all__ = ["TcpProxy"]
 
@@ -181,7 +182,7 @@ class _Link:
         self.proxy._forget(self)
 
 
-class TcpProxy:
+class TcpProxy(ClosesOnExit):
     """Threaded TCP proxy on a free loopback port, forwarding to ``(host, port)``.
 
     Fault controls (all take effect immediately, all are safe to call from
@@ -382,16 +383,6 @@ class TcpProxy:
                 if thread is not threading.current_thread():
                     thread.join(max(0.0, deadline - time.monotonic()))
 
-    def __enter__(self) -> TcpProxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         host, port = self.target

@@ -21,7 +21,8 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+
+from .closing import ClosesOnExit
 
 __all__ = ["RedisServer", "free_port", "redis_ping", "redis_server_binary"]
 
@@ -115,7 +116,7 @@ def _stop_all_at_exit() -> None:
             server.close()
 
 
-class RedisServer:
+class RedisServer(ClosesOnExit):
     """A private ``redis-server`` child process on a loopback port.
 
     Started on construction (unless ``autostart=False``). :meth:`stop` and
@@ -303,14 +304,6 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Safety net only: the process is ours (self._proc), never looked up.
