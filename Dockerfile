@@ -7,10 +7,16 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, so that code changes do not reinstall them.
-COPY pyproject.toml README.md ./
+# Dependencies first, so that code changes do not reinstall them. The compiler is there only
+# for the C hit path (hybridinval._speedups), and the build fails if that did not compile.
+COPY pyproject.toml setup.py README.md ./
 COPY hybridinval ./hybridinval
-RUN pip install ".[deploy]"
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install ".[deploy]" \
+    && python -c "import hybridinval._speedups" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
 
 COPY workers ./workers
 COPY alembic ./alembic

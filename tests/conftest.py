@@ -117,6 +117,24 @@ def make_cache(redis_url: str, namespace: str) -> Iterator[Callable[..., HybridC
         cache.close()
 
 
+@pytest.fixture(params=["c", "python"])
+def hit_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with the C hit path and once with the pure-Python one (caches built
+    after this fixture use it). The C one must be built: on Linux with CPython a failed build
+    is a test failure here, not a silent fallback."""
+    import hybridinval._cache as cache_module
+
+    module: Any = None
+    if request.param == "c":
+        try:
+            from hybridinval import _speedups as module
+        except ImportError as exc:
+            pytest.fail(f"hybridinval._speedups is not built ({exc}); reinstall with a C "
+                        f"compiler (pip install -e .) to test the C hit path", pytrace=False)
+    monkeypatch.setattr(cache_module, "_speedups", module)
+    return str(request.param)
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A private Redis for this test only: safe to kill, restart or flush."""

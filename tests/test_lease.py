@@ -28,6 +28,8 @@ from hybridinval import HybridCache
 CacheFactory = Callable[..., HybridCache]
 LEASE = 0.001
 
+pytestmark = pytest.mark.usefixtures("hit_path")  # every test on the C and the Python hit path
+
 
 class ParkAfterSelect:
     """Parks the subscriber right after select() reports data, before it reads a byte."""
