@@ -203,7 +203,9 @@ class HybridCache:
         self._caught_up: Callable[[float], float | None] | None = getattr(
             transport, "caught_up", None
         )
-        if l1_lease is not None and self._caught_up is None:
+        if isinstance(self.l1, NullL1):
+            l1_lease = None  # nothing is served from L1, so there is nothing to renew
+        elif l1_lease is not None and self._caught_up is None:
             log.warning("transport %s cannot report delivery progress: L1 runs without a lease "
                         "(staleness is then bounded by delivery lag alone)",
                         type(transport).__name__)

@@ -218,3 +218,13 @@ def test_a_transport_that_cannot_report_progress_runs_without_a_lease(
         cache.transport.stop()
     finally:
         base.close()
+
+
+def test_a_cache_without_l1_holds_no_lease(make_cache: CacheFactory) -> None:
+    """With L1 off there is nothing a lease would protect: no select() per lease period."""
+    cache = make_cache(l1_enabled=False, l1_lease=LEASE)
+    cache.set("k", 1)
+    for _ in range(5):
+        assert cache.get("k") == 1
+        time.sleep(2 * LEASE)
+    assert cache.l1_lease is None and cache.stats()["lease_waits"] == 0
