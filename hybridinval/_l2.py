@@ -132,7 +132,7 @@ class RedisL2:
                                              self._version_prefix + key)
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
-        return payload, version or _ABSENT  # type: ignore[return-value]
+        return payload, version or _ABSENT
 
     def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
         try:
