@@ -80,7 +80,7 @@ def bench_l1_hit(url: str, rounds: int = 25) -> dict[str, Any]:
     }
 
 
-def bench_l2_hit(url: str, rounds: int = 15) -> dict[str, Any]:
+def bench_l2_hit(url: str, rounds: int = 31) -> dict[str, Any]:
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     with HybridCache.from_url(url, namespace=namespace, l1_enabled=False) as cache:
         assert cache.wait_until_subscribed(10)
@@ -264,7 +264,7 @@ def run_all(
     progress("L1 hit ...")
     out["l1_hit"] = bench_l1_hit(url, rounds=max(5, int(25 * scale)))
     progress("L2 hit ...")
-    out["l2_hit"] = bench_l2_hit(url, rounds=max(5, int(15 * scale)))
+    out["l2_hit"] = bench_l2_hit(url, rounds=max(5, int(31 * scale)))
     progress("propagation (two processes) ...")
     out["propagation"] = bench_propagation(url, messages=int(400 * scale))
     progress("1,000-key invalidation ...")

@@ -499,22 +499,26 @@ class HybridCache:
         """Read L2, else load and write L2. Returns the value, whether L1 may keep it, and the
         L2 version it is known to belong to (None when unknown)."""
         stats = self._stats
+        l2 = self.l2
+        value = _MISSING
         version: bytes | None = None
         try:
-            payload, version = self.l2.get(key)
+            payload, version = l2.get(key)
+            if payload is not None:
+                value = self._decoded(key, payload)
+            if value is _MISSING and loader is not None:
+                # About to load: read the version the load must be written under, atomically
+                # with the value (another process may have filled the key since).
+                first, (payload, version) = payload, l2.get_for_fill(key)
+                if payload is not None:
+                    value = self._decoded(key, payload, counted=first is None)
         except BackendUnavailableError as exc:
             stats["l2_errors"] += 1
             log.debug("L2 read of %r failed, falling back to the loader: %s", key, exc)
-            payload = None
-        if payload is not None:
-            try:
-                value = self.serializer.loads(payload)
-            except (CorruptPayloadError, ValueError, TypeError, EOFError) as exc:
-                stats["l2_corrupt"] += 1
-                log.warning("corrupt L2 payload for %r (%s); treating as a miss", key, exc)
-            else:
-                stats["l2_hits"] += 1
-                return value, True, version
+            version = None
+        if value is not _MISSING:
+            stats["l2_hits"] += 1
+            return value, True, version
         stats["l2_misses"] += 1
         if loader is None:
             return _MISSING, False, None
@@ -540,6 +544,17 @@ class HybridCache:
             stats["l2_cas_rejections"] += 1
             return value, False, None
         return value, True, version
+
+    def _decoded(self, key: str, payload: bytes, counted: bool = True) -> Any:
+        """The value in an L2 payload, or _MISSING if it is corrupt (logged and counted once:
+        a fill rereads the same payload with the version it will write under)."""
+        try:
+            return self.serializer.loads(payload)
+        except (CorruptPayloadError, ValueError, TypeError, EOFError) as exc:
+            if counted:
+                self._stats["l2_corrupt"] += 1
+                log.warning("corrupt L2 payload for %r (%s); treating as a miss", key, exc)
+            return _MISSING
 
     # -- writes -------------------------------------------------------------------------------
 

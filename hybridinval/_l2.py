@@ -2,15 +2,18 @@
 
 Layout, for a cache namespace ``ns`` and a key ``k``::
 
-    hi:{ns}:d:k   the serialized value (expires after the L2 TTL)
+    hi:{ns}:d:k   the value: its version (16 bytes) then the serialized payload (L2 TTL)
     hi:{ns}:v:k   the key's version: a random token replaced by every invalidation or set()
 
-A fill reads value and version in one ``MGET`` (one round trip, atomic). If it missed, it may
-write the value it loaded only through :meth:`RedisL2.cas_set`, a Lua compare-and-set that
-succeeds only while the version is still the one it read. Versions are random 64-bit tokens, not
-counters, so a version key that expired and was created again can never repeat an old value
-(the ABA problem a counter has). A version key lives ``version_ttl`` after its last change; a fill
-that ran longer than half of that does not write L2 at all (see ``HybridCache``).
+An L2 hit is one ``GET`` of the value key: the version it was written under travels with it,
+so a hit costs what a raw ``GET`` does. A fill that missed and will load reads value and
+version key in one ``MGET`` (one round trip, atomic), and may write what it loaded only through
+:meth:`RedisL2.cas_set`, a Lua compare-and-set that succeeds only while the version is still the
+one it read. Versions are random 64-bit tokens, not counters, so a version key that expired and
+was created again can never repeat an old value (the ABA problem a counter has). A version key
+lives ``version_ttl`` after its last change; a fill that ran longer than half of that does not
+write L2 at all (see ``HybridCache``). A value written while its key had no version key carries
+``-`` x 16 and reads back as version ``b""``.
 
 Invalidation and ``set()`` are single Lua scripts that also ``PUBLISH`` the backplane message when
 the backplane rides the same Redis: the writes and the message leave in one round trip, and the
@@ -35,6 +38,8 @@ from .errors import BackendUnavailableError
 __all__ = ["L2Store", "RedisL2"]
 
 _ABSENT = b""  # what cas_set compares against when the version key did not exist
+_VERSION_LENGTH = 16  # of every token (_new_version) and of _NO_VERSION
+_NO_VERSION = b"-" * _VERSION_LENGTH  # heads a value written while its key had no version
 
 _INVALIDATE = """
 local n = #KEYS / 2
@@ -64,8 +69,14 @@ return 1
 class L2Store(Protocol):
     """The L2 seam. Every method raises ``BackendUnavailableError`` when the store fails."""
 
-    def get(self, key: str) -> tuple[bytes | None, bytes]:
-        """Return ``(payload or None, version)`` read atomically in one round trip."""
+    def get(self, key: str) -> tuple[bytes | None, bytes | None]:
+        """The hit path: ``(payload, the version it was written under)``, or ``(None, None)``
+        on a miss (the version is then not read). One round trip."""
+        ...
+
+    def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
+        """``(payload or None, current version)`` read atomically, by a fill about to load (the
+        version its :meth:`cas_set` must match; ``b""`` when the key has none)."""
         ...
 
     def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
@@ -124,22 +135,32 @@ class RedisL2:
         except NoScriptError:
             return script(keys=keys, args=args)
 
-    def get(self, key: str) -> tuple[bytes | None, bytes]:
+    def get(self, key: str) -> tuple[bytes | None, bytes | None]:
         try:
-            # execute_command, not client.mget(): mget's argument and option handling costs
-            # ~5 us a call, as much as the second key. (Replies are bytes: no decode_responses.)
-            payload, version = self._execute("MGET", self._data_prefix + key,
-                                             self._version_prefix + key)
+            # execute_command rather than client.get(): the same command with less of
+            # redis-py's per-call handling. (Replies are bytes: no decode_responses.)
+            stored = self._execute("GET", self._data_prefix + key)
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
-        return payload, version or _ABSENT
+        if stored is None:
+            return None, None
+        version = stored[:_VERSION_LENGTH]
+        return stored[_VERSION_LENGTH:], (_ABSENT if version == _NO_VERSION else version)
+
+    def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
+        try:
+            stored, version = self._execute("MGET", self._data_prefix + key,
+                                            self._version_prefix + key)
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
+        return (None if stored is None else stored[_VERSION_LENGTH:]), version or _ABSENT
 
     def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
         try:
             stored = self._eval(
                 self._cas_set,
                 (self._data_prefix + key, self._version_prefix + key),
-                (version, payload, _ms(ttl)),
+                (version, (version or _NO_VERSION) + payload, _ms(ttl)),
             )
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
@@ -151,7 +172,7 @@ class RedisL2:
             self._eval(
                 self._set,
                 (self._data_prefix + key, self._version_prefix + key),
-                (payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
+                (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
             )
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc

@@ -314,14 +314,59 @@ def test_invalidation_during_a_load_rejects_the_l2_write(
 def test_cas_is_by_version_not_by_value(make_cache: CacheFactory, raw: redis.Redis) -> None:
     a = make_cache()
     l2 = a.l2
-    payload, version = l2.get("v")
+    assert l2.get("v") == (None, None)  # the hit path does not read a missing key's version
+    payload, version = l2.get_for_fill("v")
     assert payload is None and version == b""
     assert l2.cas_set("v", b"jx", 60, version)
+    assert l2.get("v") == (b"jx", b"")  # written while the key had no version
     a.invalidate("v")
-    payload, new_version = l2.get("v")
+    payload, new_version = l2.get_for_fill("v")
     assert payload is None and new_version not in (b"", version)
     assert not l2.cas_set("v", b"jstale", 60, version)  # the fill that read the old version
     assert l2.cas_set("v", b"jfresh", 60, new_version)
+    assert l2.get("v") == (b"jfresh", new_version) == l2.get_for_fill("v")
+
+
+def test_a_value_set_between_the_miss_and_the_version_read_is_served_not_overwritten(
+    make_cache: CacheFactory, raw: redis.Redis, namespace: str
+) -> None:
+    """Forced interleaving: a's GET misses, b sets the key, then a reads the version to load
+    under. Reading the version alone would make a load and overwrite b's value."""
+    a, b = make_cache(), make_cache()
+    real_get = a.l2.get
+
+    def miss_then_b_sets(key: str) -> Any:
+        result = real_get(key)
+        b.set(key, "from b")
+        return result
+
+    a.l2.get = miss_then_b_sets  # type: ignore[method-assign]
+    loads: list[str] = []
+    assert a.get_or_set("k", lambda: loads.append("ran") or "loaded") == "from b"
+    assert loads == [] and a.stats()["l2_hits"] == 1
+    assert raw.get(f"hi:{namespace}:d:k")[16:] == b'j"from b"'  # type: ignore[index]
+
+
+def test_an_l2_hit_is_one_get_and_carries_its_version(
+    make_cache: CacheFactory, raw: redis.Redis, namespace: str
+) -> None:
+    a, b = make_cache(l1_enabled=False), make_cache()
+    b.set("k", {"v": 1})
+    version = raw.get(f"hi:{namespace}:v:k")
+    assert version is not None and len(version) == 16
+    assert raw.get(f"hi:{namespace}:d:k") == version + b'j{"v":1}'
+    commands: list[tuple[object, ...]] = []
+    real = a.l2._execute  # type: ignore[attr-defined]
+
+    def recording(*args: object) -> object:
+        commands.append(args[:1])
+        return real(*args)
+
+    a.l2._execute = recording  # type: ignore[attr-defined]
+    assert a.get("k") == {"v": 1} and commands == [("GET",)]
+    assert a.get("absent") is None and commands == [("GET",)] * 2  # a plain miss: one GET
+    assert a.get_or_set("absent", lambda: 2) == 2
+    assert commands[2:4] == [("GET",), ("MGET",)]  # a miss that loads reads the version too
 
 
 def test_long_fill_skips_l2_rather_than_trust_an_expired_version(
@@ -471,7 +516,7 @@ def test_corrupt_l2_payload_is_a_logged_counted_replaced_miss(
         assert a.get_or_set("k", lambda: {"ok": True}) == {"ok": True}
     assert "corrupt L2 payload for 'k'" in caplog.text
     assert a.stats()["l2_corrupt"] == 1
-    assert raw.get(f"hi:{namespace}:d:k") == b'j{"ok":true}'  # replaced
+    assert raw.get(f"hi:{namespace}:d:k") == b"-" * 16 + b'j{"ok":true}'  # replaced
 
 
 def test_default_serializer_does_not_unpickle_a_planted_payload(
