@@ -194,7 +194,7 @@ def _run_parts(
         progress("micro: L1 hit of every contender")
         results["micro"] = {"l1_hit": micro.bench_l1_hits(url, rounds=max(5, int(25 * scale)))}
         progress("micro: L2 hit of every contender")
-        results["micro"]["l2_hit"] = micro.bench_l2_hits(url, rounds=max(5, int(15 * scale)))
+        results["micro"]["l2_hit"] = micro.bench_l2_hits(url, rounds=max(5, int(31 * scale)))
         progress("micro: propagation (one receiver process per contender)")
         results["micro"]["propagation"] = micro.bench_propagation_all(
             url, messages=int(300 * scale), cashews_query=cashews_query)

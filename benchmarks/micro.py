@@ -197,7 +197,7 @@ async def _atime(
 # -- L2 hit -----------------------------------------------------------------------------------
 
 
-def bench_l2_hits(redis_url: str, rounds: int = 15, number: int = 300) -> dict[str, Any]:
+def bench_l2_hits(redis_url: str, rounds: int = 31, number: int = 300) -> dict[str, Any]:
     """µs per read served by Redis, against a raw redis-py GET + json.loads of the same value."""
     from hybridinval import HybridCache
 

@@ -71,6 +71,7 @@ typedef struct {
     PyObject *entries;   /* dict: key -> [value, expires_at, referenced, version] */
     LeaseObject *lease;
     PyObject *fallback;  /* the Python method, called with the original arguments */
+    Py_ssize_t hits;     /* calls answered here (a counter costs nothing measurable in C) */
     vectorcallfunc vectorcall;
 } HitPathObject;
 
@@ -88,6 +89,7 @@ hitpath_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                     PyObject *value = PyList_GET_ITEM(entry, 0);
                     PyObject *bit = PyList_GET_ITEM(entry, 2);
                     Py_INCREF(value);
+                    self->hits++;
                     if (bit != one) {
                         Py_INCREF(one);
                         PyList_SET_ITEM(entry, 2, one);
@@ -180,6 +182,12 @@ hitpath_doc(HitPathObject *self, void *closure)
     return PyObject_GetAttrString(self->fallback, "__doc__");
 }
 
+static PyMemberDef hitpath_members[] = {
+    {"hits", T_PYSSIZET, offsetof(HitPathObject, hits), READONLY,
+     "L1 hits answered in C (hits the Python method answered are not included)"},
+    {NULL}
+};
+
 static PyGetSetDef hitpath_getset[] = {
     {"__wrapped__", (getter)hitpath_wrapped, NULL, "the Python method this stands in for"},
     {"__doc__", (getter)hitpath_doc, NULL, NULL},
@@ -203,6 +211,7 @@ static PyTypeObject HitPathType = {
     .tp_dealloc = (destructor)hitpath_dealloc,
     .tp_traverse = (traverseproc)hitpath_traverse,
     .tp_clear = (inquiry)hitpath_clear,
+    .tp_members = hitpath_members,
     .tp_getset = hitpath_getset,
     .tp_repr = (reprfunc)hitpath_repr,
 };

@@ -9,6 +9,8 @@ class Lease:
 
 class HitPath:
     __wrapped__: Callable[..., Any]
+    @property
+    def hits(self) -> int: ...
     def __init__(
         self, entries: dict[str, list[Any]], lease: Lease, fallback: Callable[..., Any]
     ) -> None: ...

@@ -131,12 +131,40 @@ def test_a_subclass_override_is_not_shadowed(make_cache: CacheFactory, hit_path:
 
 def test_count_hits_counts_on_either_path(make_cache: CacheFactory, hit_path: str) -> None:
     cache = make_cache(count_hits=True)
-    assert not cache.accelerated  # counting is done in Python
-    cache.get_or_set("k", lambda: 1)
+    assert cache.accelerated is (hit_path == "c")  # the C path counts for free
+    cache.get_or_set("k", lambda: 1)  # a miss
     for _ in range(3):
         cache.get("k")
     cache.get_local("k")
-    assert cache.stats()["l1_hits"] == 5 - 1  # the first get_or_set was a miss
+    cache.get_or_set("k", lambda: 2)
+    assert cache.stats()["l1_hits"] == 5
+    # Hits the Python method answers (the lease had run out) count too.
+    for read in (cache.get, cache.get_local):
+        cache._lease.until = 0.0
+        assert read("k") == 1
+    assert cache.stats()["l1_hits"] == 7
+    assert cache.get("absent") is None and cache.stats()["l1_hits"] == 7
+    with pytest.raises(TypeError, match="cache key"):
+        cache.get(["unhashable"])  # type: ignore[arg-type]
+
+
+def test_a_subclass_override_is_counted_and_kept(redis_url: str, namespace: str,
+                                                 hit_path: str) -> None:
+    class Audited(HybridCache):
+        def get(self, key: str, default: Any = None) -> Any:
+            return ("audited", super().get(key, default))
+
+    with Audited.from_url(redis_url, namespace=namespace, count_hits=True) as cache:
+        assert cache.wait_until_subscribed(10)
+        cache.get_or_set("k", lambda: 1)
+        assert cache.get("k") == ("audited", 1)
+        assert cache.stats()["l1_hits"] == 1
+
+
+def test_hits_are_not_counted_unless_asked(make_cache: CacheFactory, hit_path: str) -> None:
+    cache = make_cache()
+    cache.get_or_set("k", lambda: 1)
+    assert cache.get("k") == 1 and cache.stats()["l1_hits"] is None
 
 
 def test_introspection_shows_the_python_method(make_cache: CacheFactory, hit_path: str) -> None:
