@@ -5,14 +5,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Stamp: reinstall when pyproject.toml changes, not on every run.
+# Stamp: reinstall (and rebuild the C hit path) when the build inputs change, not on every run.
 STAMP := $(VENV)/.installed
 
 .PHONY: venv lint typecheck test bench demo
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py hybridinval/_speedups.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
