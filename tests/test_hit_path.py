@@ -199,17 +199,17 @@ def test_a_dropped_cache_is_collected(redis_url: str, namespace: str, hit_path: 
     assert ref() is None
 
 
-def test_the_c_clock_is_the_one_time_monotonic_reads() -> None:
-    from hybridinval import _speedups
-
+def test_the_c_clock_is_the_one_time_monotonic_reads(speedups: Any) -> None:
     for _ in range(1000):
         before = time.monotonic()
-        reading = _speedups.monotonic()
+        reading = speedups.monotonic()
         after = time.monotonic()
         assert before <= reading <= after
 
 
-def test_pure_python_can_be_forced_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pure_python_can_be_forced_by_environment(
+    monkeypatch: pytest.MonkeyPatch, speedups: Any
+) -> None:
     monkeypatch.setenv("HYBRIDINVAL_PURE_PYTHON", "1")
     assert cache_module._load_speedups() is None
     monkeypatch.delenv("HYBRIDINVAL_PURE_PYTHON")
@@ -217,10 +217,8 @@ def test_pure_python_can_be_forced_by_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_foreign_clock_disables_the_c_path(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, speedups: Any
 ) -> None:
-    from hybridinval import _speedups
-
-    monkeypatch.setattr(_speedups, "monotonic", lambda: time.monotonic() + 3600.0)
+    monkeypatch.setattr(speedups, "monotonic", lambda: time.monotonic() + 3600.0)
     assert cache_module._load_speedups() is None
     assert "different clock" in caplog.text
