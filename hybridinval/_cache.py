@@ -289,8 +289,8 @@ class HybridCache:
         ``l1_lease``: see :data:`DEFAULT_L1_LEASE`; when a reader finds the subscriber behind, it
         waits up to ``l1_lease_wait`` for it, then flushes L1 (counted as ``lease_flushes``).
         ``l1_lease=None`` drops the check (an L1 hit is then ~20 ns cheaper, ~60 ns on the
-        pure-Python path, and staleness is
-        bounded only by how soon the subscriber thread gets to run).
+        pure-Python path, and staleness is bounded only by how soon the subscriber thread
+        gets to run).
         ``count_hits``: count L1 hits for ``stats()["l1_hits"]`` (free on the C hit path; on
         the pure-Python path a wrapper counts, which more than doubles the cost of a hit; the
         other counters are always on).
