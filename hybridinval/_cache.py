@@ -207,7 +207,7 @@ class HybridCache:
             transport, "caught_up", None
         )
         if isinstance(self.l1, NullL1):
-            l1_lease = None  # nothing is served from L1, so there is nothing to renew
+            l1_lease = None  # nothing is ever served from L1: say so (reads never renew)
         elif l1_lease is not None and self._caught_up is None:
             log.warning("transport %s cannot report delivery progress: L1 runs without a lease "
                         "(staleness is then bounded by delivery lag alone)",
@@ -334,10 +334,11 @@ class HybridCache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value for ``key`` from L1, else L2 (an L2 hit fills L1), else ``default``."""
-        if _monotonic() >= self._lease.until:
-            self._renew_lease()
         try:
             entry = self._entries[key]
+            if _monotonic() >= self._lease.until:  # only a hit needs the lease
+                self._renew_lease()
+                entry = self._entries[key]  # a renewal may have flushed L1
         except (KeyError, TypeError):  # TypeError: unhashable; _read_through names the key
             value = self._read_through(key, None, None, None)
             return default if value is _MISSING else value
@@ -358,10 +359,11 @@ class HybridCache:
 
         A loader exception reaches every waiter and nothing is cached.
         """
-        if _monotonic() >= self._lease.until:
-            self._renew_lease()
         try:
             entry = self._entries[key]
+            if _monotonic() >= self._lease.until:
+                self._renew_lease()
+                entry = self._entries[key]
         except (KeyError, TypeError):
             return self._read_through(key, loader, ttl, l1_ttl)  # type: ignore[no-any-return]
         entry[2] = 1
@@ -374,10 +376,11 @@ class HybridCache:
         For integrations that must not fill (a session whose snapshot may be older than L2's
         versions can still serve committed L1 data).
         """
-        if _monotonic() >= self._lease.until:
-            self._renew_lease()
         try:
             entry = self._entries[key]
+            if _monotonic() >= self._lease.until:
+                self._renew_lease()
+                entry = self._entries[key]
         except (KeyError, TypeError):
             self._check_key(key)  # a key no read could have stored is an error, not a miss
             return default
@@ -394,7 +397,6 @@ class HybridCache:
         its own hits for free; a counting wrapper counts the few that reach Python.
         """
         self._hit_paths: list[Any] = []
-        self.accelerated = False
         for name in ("get", "get_or_set", "get_local"):
             self.__dict__.pop(name, None)  # after fork: the parent's paths
             method = getattr(type(self), name)
@@ -404,7 +406,6 @@ class HybridCache:
                 path = _speedups.HitPath(self._entries, self._lease,
                                          python or method.__get__(self))
                 self._hit_paths.append(path)
-                self.accelerated = True
                 setattr(self, name, path)
             elif python is not None:
                 setattr(self, name, python)
@@ -521,7 +522,8 @@ class HybridCache:
             if value is _MISSING and loader is not None:
                 # About to load: read the version the load must be written under, atomically
                 # with the value (another process may have filled the key since).
-                first, (payload, version) = payload, l2.get_for_fill(key)
+                first = payload
+                payload, version = l2.get_for_fill(key)
                 if payload is not None:
                     value = self._decoded(key, payload, counted=first is None)
         except BackendUnavailableError as exc:
@@ -897,6 +899,11 @@ class HybridCache:
                 return False
             time.sleep(0.002)
         return True
+
+    @property
+    def accelerated(self) -> bool:
+        """True when L1 hits are answered in C (``hybridinval._speedups``)."""
+        return bool(self._hit_paths)
 
     @property
     def subscribed(self) -> bool:

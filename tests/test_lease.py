@@ -220,11 +220,43 @@ def test_a_transport_that_cannot_report_progress_runs_without_a_lease(
         base.close()
 
 
+def renewals(cache: HybridCache) -> list[None]:
+    """Records each lease renewal of ``cache`` (it goes on renewing as before)."""
+    calls: list[None] = []
+    original = cache._renew_lease
+
+    def counted() -> None:
+        calls.append(None)
+        original()
+
+    cache._renew_lease = counted  # type: ignore[method-assign]
+    return calls
+
+
 def test_a_cache_without_l1_holds_no_lease(make_cache: CacheFactory) -> None:
     """With L1 off there is nothing a lease would protect: no select() per lease period."""
     cache = make_cache(l1_enabled=False, l1_lease=LEASE)
+    calls = renewals(cache)
     cache.set("k", 1)
     for _ in range(5):
         assert cache.get("k") == 1
         time.sleep(2 * LEASE)
     assert cache.l1_lease is None and cache.stats()["lease_waits"] == 0
+    assert calls == []
+
+
+def test_only_a_hit_renews_the_lease(make_cache: CacheFactory) -> None:
+    """A miss never serves L1, so it never waits for the subscriber; a hit after the lease ran
+    out renews it first."""
+    cache = make_cache(l1_lease=LEASE)
+    calls = renewals(cache)
+    for read in (cache.get, cache.get_local, lambda key: cache.get_or_set(key, lambda: None)):
+        time.sleep(2 * LEASE)
+        read("absent")
+        cache.invalidate("absent")
+    assert calls == []
+    cache.get_or_set("k", lambda: 1)
+    for read in (cache.get, cache.get_local, lambda key: cache.get_or_set(key, lambda: 2)):
+        time.sleep(2 * LEASE)
+        assert read("k") == 1
+    assert len(calls) == 3
