@@ -150,8 +150,11 @@ def test_child_cycles_and_warm_shutdown_leak_no_connections_or_threads(
         instances = {r["instance_id"] for r in seen}
         assert len(instances) == 10 and all(r["subscribed"] for r in seen)
         assert {r["sub_threads"] for r in seen} == {1}
-        # Two live children, each one subscriber connection and one L2 connection.
-        assert peak <= 4, f"{peak} cache connections with 2 children"
+        # Two live children, each one subscriber connection and at most two pooled L2
+        # connections: a task's read may overlap the read of the server's incarnation that
+        # follows the subscription (seen: subscribe, info, get). A connection leaked per
+        # child would exceed this bound within the five cycles; after shutdown the count is 0.
+        assert peak <= 6, f"{peak} cache connections with 2 children"
         # The parent's own cache: reset in every child (new identity, not the task's cache, no
         # thread, no connection), still one subscriber in the parent only.
         parent_instance = re.findall(r"parent cache instance (\w+)", worker.log_text())
