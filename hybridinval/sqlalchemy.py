@@ -80,24 +80,28 @@ session's own transaction.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import logging
 import re
 import string
 import threading
+import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Column, and_, event, false, inspect, select, tuple_, update
-from sqlalchemy.engine import Connection, Result
+from sqlalchemy import Column, and_, event, func, inspect, or_, select, tuple_
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.expression import UpdateBase
 
 from .errors import HybridInvalError, TransactionStateError
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm import SessionTransaction
 
     from ._cache import HybridCache
 
@@ -204,19 +208,21 @@ def _format_field(value: Any, spec: str, conversion: str | None) -> str:
 class _ModelSpec:
     """What ``track()`` recorded for one mapped class."""
 
-    __slots__ = ("cls", "fields", "templates")
+    __slots__ = ("fields", "templates")
 
-    def __init__(self, cls: type, templates: tuple[_KeyTemplate, ...]) -> None:
-        self.cls = cls
+    def __init__(self, templates: tuple[_KeyTemplate, ...]) -> None:
         self.templates = templates
         self.fields = tuple(dict.fromkeys(f for t in templates for f in t.fields))
 
 
 _registry_lock = threading.RLock()
-_tracked: dict[type, _ModelSpec] = {}
+# Weak on the classes: a registry that is disposed (tests, plugins) frees its classes.
+_tracked: weakref.WeakKeyDictionary[type, _ModelSpec] = weakref.WeakKeyDictionary()
 # Templates that apply to a class, its own and its tracked bases' (inheritance): computed on
 # first use, cleared on every track()/untrack().
-_specs_by_class: dict[type, tuple[_ModelSpec, ...]] = {}
+_specs_by_class: weakref.WeakKeyDictionary[type, tuple[_ModelSpec, ...]] = (
+    weakref.WeakKeyDictionary()
+)
 _mapper_listeners_installed = False
 
 
@@ -255,7 +261,7 @@ def track(
     # mapper.columns is keyed by attribute name and is complete before mapper configuration, so
     # track() can run right after the class statement, before related classes exist.
     columns = dict(mapper.columns.items())
-    spec = _ModelSpec(model, tuple(_KeyTemplate(text, model, columns) for text in keys))
+    spec = _ModelSpec(tuple(_KeyTemplate(text, model, columns) for text in keys))
     with _registry_lock:
         _install_mapper_listeners()
         _tracked[model] = spec
@@ -309,11 +315,15 @@ class _UnitOfWork:
     """
 
     __slots__ = (
-        "caches", "connections", "frames", "generation", "max_key_length", "outcome_unknown",
-        "primary",
+        "__weakref__", "caches", "connections", "frames", "generation", "max_key_length",
+        "outcome_unknown", "primary", "session", "watches",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
+        # Weak: the session holds this object in its info dict.
+        self.session: weakref.ref[Session] | None = weakref.ref(session)
+        # Bulk statements between their before_execute and after_execute, by id().
+        self.watches: dict[int, _Watch] = {}
         self.frames: dict[SessionTransaction, _Frame] = {}
         self.connections: list[Connection] = []
         # Set when a connection of the current root transaction was lost: if that happened
@@ -392,7 +402,7 @@ def _uow_for(session: Session) -> _UnitOfWork | None:
     with _registry_lock:
         matching = [i for i in _installations if isinstance(session, i.session_class)]
         if uow is None:
-            uow = _UnitOfWork()
+            uow = _UnitOfWork(session)
             session.info[_INFO_KEY] = uow
         uow.generation = _generation
         uow.primary = matching[0] if matching else None
@@ -424,7 +434,6 @@ class Installation:
             ("after_begin", self._after_begin),
             ("after_commit", self._after_commit),
             ("after_transaction_end", self._after_transaction_end),
-            ("do_orm_execute", self._do_orm_execute),
         ]
         self.installed = False
 
@@ -469,7 +478,7 @@ class Installation:
         uow = self._uow(session)
         if uow is not None and connection not in uow.connections:
             uow.connections.append(connection)
-            _watch_disconnects(connection, uow)
+            _watch_connection(connection, uow)
             # Learn the isolation level now, inside the session's own call (where an async
             # driver may do I/O); once per DBAPI connection, later reads hit connection.info.
             _isolation_level(connection, query=True)
@@ -526,6 +535,7 @@ class Installation:
         elif collected:
             self._stats["frames_dropped"] += 1
         uow.connections.clear()
+        uow.watches.clear()
         uow.outcome_unknown = False
 
     def _publish(
@@ -548,46 +558,45 @@ class Installation:
             _invalidate_committed(uow.caches, keys)
         _run_callbacks(callbacks, self)
 
-    # -- bulk statements --------------------------------------------------------------------
 
-    def _do_orm_execute(self, state: ORMExecuteState) -> Result[Any] | None:
-        if not (state.is_update or state.is_delete or state.is_insert):
-            return None
-        mapper = state.bind_mapper
-        if mapper is None:
-            return None
-        specs = _specs_for(mapper.class_)
-        if not specs:
-            return None
-        uow = self._uow(state.session)
-        if uow is None:
-            return None
-        if state.is_insert:
-            return _bulk_insert(state, uow, mapper, specs)
-        return _bulk_update_or_delete(state, uow, mapper, specs)
-
-
-_uow_by_connection: weakref.WeakKeyDictionary[Connection, _UnitOfWork] = (
+# The unit of work of each connection an installed session began. Values are weak references:
+# a unit of work holds its connections, and a strong value would keep its own key alive (and the
+# pooled connection of an abandoned session checked out for ever).
+_uow_by_connection: weakref.WeakKeyDictionary[Connection, weakref.ref[_UnitOfWork]] = (
     weakref.WeakKeyDictionary()
 )
-_watched_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+# Its underlying dict, for the per-statement emptiness test.
+_uow_by_connection_data: dict[Any, Any] = _uow_by_connection.data  # type: ignore[attr-defined]
+_watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def _watch_disconnects(connection: Connection, uow: _UnitOfWork) -> None:
-    _uow_by_connection[connection] = uow
-    engine = connection.engine
+def _watch_connection(connection: Connection, uow: _UnitOfWork) -> None:
+    _uow_by_connection[connection] = weakref.ref(uow)
+    engine = getattr(connection, "engine", None)
+    if not isinstance(engine, Engine):
+        return  # a mock or proxy bind: nothing to listen on, no statements to watch
     if engine not in _watched_engines:
         with _registry_lock:
             if engine not in _watched_engines:
                 event.listen(engine, "handle_error", _on_dbapi_error)
+                event.listen(engine, "before_execute", _on_before_execute)
+                event.listen(engine, "after_execute", _on_after_execute)
                 _watched_engines.add(engine)
 
 
 def _on_dbapi_error(context: Any) -> None:
-    if context.is_disconnect and context.connection is not None:
-        uow = _uow_by_connection.get(context.connection)
-        if uow is not None:
-            uow.outcome_unknown = True
+    conn = context.connection
+    if conn is None:
+        return
+    ref = _uow_by_connection.get(conn)
+    uow = ref() if ref is not None else None
+    if uow is None:
+        return
+    stmt = getattr(context, "invoked_stmt", None)
+    if stmt is not None and uow.watches:
+        uow.watches.pop(id(stmt), None)
+    if context.is_disconnect:
+        uow.outcome_unknown = True
 
 
 def _real_parent(trans: SessionTransaction) -> SessionTransaction | None:
@@ -734,7 +743,13 @@ def _key_collector(read_values: _ValuesReader) -> _MapperListener:
 
 
 def _keys(specs: Iterable[_ModelSpec], values: Mapping[str, Any]) -> list[str]:
-    return [t.format(values) for spec in specs for t in spec.templates]
+    """The keys of every template whose fields ``values`` has (a row that is gone has none)."""
+    return [
+        t.format(values)
+        for spec in specs
+        for t in spec.templates
+        if all(f in values for f in t.fields)
+    ]
 
 
 def _fields(specs: Iterable[_ModelSpec]) -> list[str]:
@@ -775,7 +790,14 @@ def _current_values(
     current = state.dict
 
     def pk() -> Sequence[Any]:
-        return tuple(current.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key)
+        values = tuple(
+            current.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key
+        )
+        if any(v is None for v in values) and state.identity is not None:
+            # Expired (a parent flushed only for a backref after a commit): its identity is
+            # still the row, and nothing in this flush changed its primary key.
+            return state.identity
+        return values
 
     # Missing: a server default/onupdate, or a SQL expression assigned.
     return _key_fields(specs, lambda f: current.get(f, _MISSING), mapper, connection, pk)
@@ -812,122 +834,470 @@ def _select_row(
     stmt = select(*columns).select_from(mapper.persist_selectable).where(and_(*criteria))
     row = connection.execute(stmt).first()
     if row is None:
-        raise HybridInvalError(
-            f"cannot read key fields {fields} of {mapper.class_.__name__} {tuple(pk)!r}: "
-            f"the row is gone"
-        )
+        # Gone (deleted by another transaction that committed, and published, first): no key
+        # of it can be read, and SQLAlchemy reports the stale row in its own way.
+        log.debug("key fields %s of %s %r: the row is gone", fields, mapper.class_.__name__,
+                  tuple(pk))
+        return {}
     return dict(zip(fields, row, strict=True))
 
 
-# -- bulk statements -----------------------------------------------------------------------------
+# -- bulk statements, observed at the Core level ---------------------------------------------------
+#
+# ORM-enabled INSERT/UPDATE/DELETE statements are watched where they reach the database: the
+# engine's ``before_execute``/``after_execute`` events, for connections that an installed session
+# began. By then SQLAlchemy has autoflushed, every ``do_orm_execute`` hook has shaped the statement
+# and its parameters, the shard's connection has been chosen and the execution options (schema
+# translation) are final. The statement itself is never changed: its WHERE is reused in a SELECT
+# of the key columns that runs just before it, on the same connection, in the same transaction.
+
+
+_IN_CHUNK = {"sqlite": 500}  # parameters per IN list; SQLite's limit is the lowest
+_DEFAULT_IN_CHUNK = 5000
+
+
+def _orm_dml(elem: Any) -> tuple[Any, Mapper[Any]] | None:
+    """The DML statement and its mapper, for an ORM-enabled INSERT/UPDATE/DELETE (also one
+    wrapped in ``select(Entity).from_statement(...)``); None for anything else."""
+    if not isinstance(elem, UpdateBase):
+        elem = getattr(elem, "element", None)  # select(Entity).from_statement(dml)
+        if not isinstance(elem, UpdateBase):
+            return None
+    subject = elem._propagate_attrs.get("plugin_subject")
+    if subject is None:
+        return None
+    mapper = getattr(subject, "mapper", None)
+    if not isinstance(mapper, Mapper):
+        return None
+    return elem, mapper
+
+
+def _param_sets(multiparams: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> list[Any]:
+    return list(multiparams) if multiparams else [params]
+
+
+def _forwarded_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The statement's execution options that change what our SELECTs read."""
+    out: dict[str, Any] = {}
+    translate = execution_options.get("schema_translate_map")
+    if translate:
+        out["schema_translate_map"] = translate
+    return out
+
+
+def _in_chunks(conn: Connection, items: Sequence[Any], width: int) -> Iterator[Sequence[Any]]:
+    size = max(1, _IN_CHUNK.get(conn.dialect.name, _DEFAULT_IN_CHUNK) // max(width, 1))
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _KeySelect:
+    """The key columns of one DML statement's target rows: primary key first, then every
+    template field, selectable with the statement's own WHERE."""
+
+    __slots__ = ("columns", "fields", "from_", "npk", "target")
+
+    def __init__(self, mapper: Mapper[Any], specs: tuple[_ModelSpec, ...], dml: Any) -> None:
+        pk_fields = [_attr_key(mapper, c) for c in mapper.primary_key]
+        self.npk = len(pk_fields)
+        wanted = list(dict.fromkeys([*pk_fields, *_fields(specs)]))
+        target = dml.table
+        self.target = target
+        columns: list[Any] = []
+        fields: list[str] = []
+        from_: Any = target
+        missing = False
+        for field in wanted:
+            col = target.corresponding_column(mapper.columns[field])
+            if col is None:
+                missing = True
+                break
+            columns.append(col)
+            fields.append(field)
+        if missing:
+            # Joined inheritance: key fields in another of the mapper's tables. The statement's
+            # table is one of them (not an alias), so the mapper's join adds the rest.
+            from_ = mapper.persist_selectable
+            columns = [mapper.columns[f] for f in wanted]
+            fields = wanted
+        self.columns = columns
+        self.fields = fields
+        self.from_ = from_
+
+    def where(self, criteria: Any, *, lock: bool) -> Any:
+        sel: Any = select(*self.columns).select_from(self.from_)
+        if criteria is not None:
+            sel = sel.where(criteria)
+        if lock:
+            # OF the target only: the statement's other FROMs (a GROUP BY subquery) stay unlocked,
+            # and PostgreSQL refuses FOR UPDATE over grouped relations. Rendered as nothing where
+            # the database has no FOR UPDATE (SQLite, which is serialized by its write lock).
+            sel = sel.with_for_update(of=self.target)
+        return sel
+
+    def by_pk(self, pks: Sequence[tuple[Any, ...]]) -> Any:
+        pk_cols = self.columns[: self.npk]
+        if self.npk == 1:
+            return self.where(pk_cols[0].in_([pk[0] for pk in pks]), lock=False)
+        return self.where(tuple_(*pk_cols).in_(list(pks)), lock=False)
+
+    def read(
+        self, conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in conn.execute(sel, params, execution_options=options)]
+
+    def read_by_pk(
+        self, conn: Connection, pks: Sequence[tuple[Any, ...]], options: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        for chunk in _in_chunks(conn, pks, self.npk):
+            rows.extend(self.read(conn, self.by_pk(chunk), {}, options))
+        return rows
+
+    def keys(self, specs: tuple[_ModelSpec, ...], rows: Iterable[Sequence[Any]]) -> list[str]:
+        return _row_keys(specs, self.fields, rows)
+
+
+class _Watch:
+    """One DML statement between its ``before_execute`` and its ``after_execute``."""
+
+    __slots__ = ("conn", "keysel", "mapper", "options", "params", "session", "specs", "uow")
+
+    def __init__(
+        self,
+        conn: Connection,
+        uow: _UnitOfWork,
+        session: Session,
+        mapper: Mapper[Any],
+        specs: tuple[_ModelSpec, ...],
+        keysel: _KeySelect,
+        params: list[Any],
+        options: dict[str, Any],
+    ) -> None:
+        self.conn = conn
+        self.uow = uow
+        self.session = session
+        self.mapper = mapper
+        self.specs = specs
+        self.keysel = keysel
+        self.params = params
+        self.options = options
+
+    def add(self, keys: list[str]) -> None:
+        if keys:
+            self.uow.add(self.session, keys)
+
+    def after(self, result: Any) -> None:
+        raise NotImplementedError
+
+
+class _UpdateDeleteWatch(_Watch):
+    """Old keys from a locked SELECT with the statement's WHERE, just before it runs; new keys
+    (UPDATE) from the same rows read by primary key after it.
+
+    The rows selected are locked (``FOR UPDATE OF`` the target; on SQLite the database write lock
+    is held first), so they still match when the statement runs and their old values are exact.
+    Under READ COMMITTED another transaction can still make a *different* row match in between;
+    the statement then reports more rows than were locked, and the old values of the rows that
+    matched late are read as committed (they are locked by our statement now, so the committed
+    version is the one it changed) through a second connection of the same engine.
+    """
+
+    __slots__ = ("dml", "old", "pks")
+
+    def __init__(self, dml: Any, *args: Any) -> None:
+        super().__init__(*args)
+        self.dml = dml
+        _hold_sqlite_write_lock(self.conn)
+        sel = self.keysel.where(dml.whereclause, lock=True)
+        old: list[tuple[Any, ...]] = []
+        for params in self.params:
+            old.extend(self.keysel.read(self.conn, sel, params, self.options))
+        self.old = old
+        self.pks = list(dict.fromkeys(r[: self.keysel.npk] for r in old))
+        self.add(self.keysel.keys(self.specs, old))
+
+    def after(self, result: Any) -> None:
+        pks = self.pks
+        late = self._late_rows(result)
+        if late:
+            self.add(self.keysel.keys(self.specs, late))
+            pks = list(dict.fromkeys([*pks, *(r[: self.keysel.npk] for r in late)]))
+        if not (self.dml.is_update and pks and _may_change_keys(self.dml, self.params, self)):
+            return
+        new = self.keysel.read_by_pk(self.conn, pks, self.options)
+        if len({r[: self.keysel.npk] for r in new}) < len(pks):
+            log.warning(
+                "bulk UPDATE of tracked %s changed primary keys (or a trigger removed rows): "
+                "keys with the new primary key values are not invalidated",
+                self.mapper.class_.__name__,
+            )
+        self.add(self.keysel.keys(self.specs, new))
+
+    def _late_rows(self, result: Any) -> list[tuple[Any, ...]]:
+        """Rows the statement changed that were not locked by the key SELECT (read committed,
+        from a second connection); empty when the row count proves there are none."""
+        dialect = self.conn.dialect
+        sane = (
+            dialect.supports_sane_multi_rowcount
+            if len(self.params) > 1
+            else dialect.supports_sane_rowcount
+        )
+        try:
+            count = result.rowcount
+        except Exception:
+            count = -1
+        engine = getattr(self.conn, "engine", None)
+        if not sane or count <= len(self.pks) or not isinstance(engine, Engine):
+            return []
+        sel = self.keysel.where(self.dml.whereclause, lock=False)
+        log.info(
+            "bulk %s of tracked %s matched %d row(s) but %d were locked for their keys (a "
+            "concurrent commit); reading the others as committed",
+            "UPDATE" if self.dml.is_update else "DELETE", self.mapper.class_.__name__, count,
+            len(self.pks),
+        )
+        rows: list[tuple[Any, ...]] = []
+        with engine.connect() as other:
+            for params in self.params:
+                rows.extend(self.keysel.read(other, sel, params, self.options))
+        known = set(self.pks)
+        return [r for r in rows if r[: self.keysel.npk] not in known]
+
+
+def _assigned_names(dml: Any, param_sets: list[Any]) -> set[str] | None:
+    """Names of what an UPDATE assigns (column keys, names or attribute names); None if unknown."""
+    names: set[str] = set()
+    try:
+        values = list(dml._values or ()) + [k for k, _ in dml._ordered_values or ()]
+    except AttributeError:
+        return None
+    for key in values:
+        if isinstance(key, str):
+            names.add(key)
+            continue
+        for attr in ("key", "name"):
+            value = getattr(key, attr, None)
+            if isinstance(value, str):
+                names.add(value)
+    for params in param_sets:
+        names.update(k for k in params if isinstance(k, str))
+    return names
+
+
+def _may_change_keys(dml: Any, param_sets: list[Any], watch: _Watch) -> bool:
+    """Whether the UPDATE may change a key field, so the new values must be read back."""
+    assigned = _assigned_names(dml, param_sets)
+    if assigned is None:
+        return True
+    for field in watch.keysel.fields:
+        col = watch.mapper.columns[field]
+        if col.onupdate is not None or col.server_onupdate is not None:
+            return True
+        if {field, col.key, col.name} & assigned:
+            return True
+    return False
+
+
+class _InsertWatch(_Watch):
+    """Keys of new rows: from the values the statement bound, the primary keys SQLAlchemy reports
+    for them, and (for fields neither has, such as server defaults) a read by primary key.
+
+    An executemany INSERT without RETURNING gets no primary keys back. Its rows are then found
+    again by the values they were given (``IS NOT DISTINCT FROM`` each plain value), among the
+    rows above the largest integer primary key read just before the INSERT when that finds them
+    all (an autoincrement in step with the table), else in the whole table. Extra rows that match
+    cost an extra invalidation each.
+    """
+
+    __slots__ = ("floor", "table")
+
+    def __init__(self, dml: Any, *args: Any) -> None:
+        super().__init__(*args)
+        self.table = dml.table
+        self.floor: Any = _MISSING
+        pk_cols = list(self.mapper.primary_key)
+        if (
+            len(self.params) > 1
+            and len(pk_cols) == 1
+            and not dml._returning
+            and not getattr(dml, "_return_defaults", False)
+            and _attr_key(self.mapper, pk_cols[0]) not in self.params[0]
+            and pk_cols[0].key not in self.params[0]
+            and _is_integer(pk_cols[0])
+        ):
+            col = self.keysel.columns[0]
+            sel = select(func.max(col)).select_from(self.keysel.from_)
+            self.floor = self.conn.execute(sel, execution_options=self.options).scalar()
+
+    def after(self, result: Any) -> None:
+        fields = _fields(self.specs)
+        mapper = self.mapper
+        try:
+            bound: list[Mapping[str, Any]] = list(result.context.compiled_parameters)
+        except Exception:
+            bound = []
+        try:
+            pk_rows: list[Any] = list(result.inserted_primary_key_rows)
+        except Exception:
+            pk_rows = []
+        columns = self.table.c
+        pk_keys = [_attr_key(mapper, c) for c in mapper.primary_key]
+        keys: list[str] = []
+        lookups: list[tuple[Any, ...]] = []
+        unknown: list[dict[str, Any]] = []
+        for i, params in enumerate(bound):
+            values: dict[str, Any] = {}
+            for name, value in params.items():
+                col = columns.get(name) if isinstance(name, str) else None
+                prop = mapper._columntoproperty.get(col) if col is not None else None
+                if prop is not None:
+                    values[prop.key] = value
+            if i < len(pk_rows) and pk_rows[i] is not None:
+                for key, value in zip(pk_keys, pk_rows[i], strict=False):
+                    if value is not None:
+                        values[key] = value
+            if all(f in values for f in fields):
+                keys.extend(_keys(self.specs, values))
+            elif all(values.get(k) is not None for k in pk_keys):
+                lookups.append(tuple(values[k] for k in pk_keys))
+            else:
+                unknown.append(values)
+        rows: list[tuple[Any, ...]] = []
+        if lookups:
+            rows.extend(self.keysel.read_by_pk(self.conn, lookups, self.options))
+        if unknown:
+            rows.extend(self._rows_like(unknown))
+        self.add(keys + self.keysel.keys(self.specs, rows))
+
+    def _rows_like(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """Rows holding the values that ``rows`` were inserted with."""
+        mapper = self.mapper
+        matchers: list[Any] = []
+        for values in rows:
+            terms = [
+                mapper.columns[attr].is_not_distinct_from(value)
+                for attr, value in values.items()
+                if attr in mapper.columns and isinstance(value, _COMPARABLE)
+            ]
+            if not terms:
+                log.warning(
+                    "bulk INSERT into tracked %s: a new row has no primary key and no plain "
+                    "value to find it by, so its keys are not invalidated (a cached miss for "
+                    "them lasts until its TTL); pass the primary keys or add .returning()",
+                    mapper.class_.__name__,
+                )
+                continue
+            matchers.append(and_(*terms))
+        if not matchers:
+            return []
+        width = max(1, len(matchers[0].clauses) if hasattr(matchers[0], "clauses") else 1)
+        found: list[tuple[Any, ...]] = []
+        if self.floor is not _MISSING and self.floor is not None:
+            above = self.keysel.columns[0] > self.floor
+            found = self._read_matching(matchers, width, above)
+            if len(found) >= len(matchers):
+                return found
+        return self._read_matching(matchers, width, None)
+
+    def _read_matching(self, matchers: list[Any], width: int, floor: Any) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for chunk in _in_chunks(self.conn, matchers, width):
+            criteria = or_(*chunk) if floor is None else and_(floor, or_(*chunk))
+            sel = self.keysel.where(criteria, lock=False)
+            out.extend(self.keysel.read(self.conn, sel, {}, self.options))
+        return list(dict.fromkeys(out))
+
+
+# Values an INSERT's row can be found again by (equality is exact for them in every database).
+_COMPARABLE = (str, int, bool, bytes, uuid.UUID, datetime.date, datetime.time, decimal.Decimal)
+
+
+def _is_integer(col: Any) -> bool:
+    try:
+        return col.type.python_type is int
+    except NotImplementedError:
+        return False
+
+
+def _hold_sqlite_write_lock(conn: Connection) -> None:
+    """On SQLite, take the database write lock before the key SELECT, so that nobody commits
+    between it and the statement. pysqlite (in its default mode) would send BEGIN right before
+    the statement anyway; this sends ``BEGIN IMMEDIATE`` a moment earlier, straight to the driver
+    so no statement event sees it. A transaction the driver already opened is left alone."""
+    if conn.dialect.name != "sqlite":
+        return
+    try:
+        driver = conn.connection.driver_connection
+        if getattr(driver, "in_transaction", True):
+            return
+        if getattr(driver, "isolation_level", None) is None:  # the driver's autocommit mode
+            return
+        if getattr(driver, "autocommit", -1) != -1:  # sqlite3.LEGACY_TRANSACTION_CONTROL
+            return
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        finally:
+            cursor.close()
+    except Exception as exc:  # the lock is an optimisation of exactness, never a new failure
+        log.debug("could not take the SQLite write lock early: %s", exc)
+
+
+def _on_before_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    execution_options: Mapping[str, Any],
+) -> None:
+    if not _uow_by_connection_data:
+        return
+    ref = _uow_by_connection.get(conn)
+    if ref is None:
+        return
+    found = _orm_dml(clauseelement)
+    if found is None:
+        return
+    uow = ref()
+    session = uow.session() if uow is not None and uow.session is not None else None
+    if uow is None or session is None or uow.primary is None:
+        return
+    dml, mapper = found
+    specs = _specs_for(mapper.class_)
+    if not specs:
+        return
+    keysel = _KeySelect(mapper, specs, dml)
+    args = (
+        conn, uow, session, mapper, specs, keysel, _param_sets(multiparams, params),
+        _forwarded_options(execution_options),
+    )
+    watch: _Watch = _InsertWatch(dml, *args) if dml.is_insert else _UpdateDeleteWatch(dml, *args)
+    uow.watches[id(clauseelement)] = watch
+
+
+def _on_after_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+    result: Any,
+) -> None:
+    if not _uow_by_connection_data:
+        return
+    ref = _uow_by_connection.get(conn)
+    uow = ref() if ref is not None else None
+    if uow is None or not uow.watches:
+        return
+    watch = uow.watches.pop(id(clauseelement), None)
+    if watch is not None:
+        watch.after(result)
 
 
 def _attr_key(mapper: Mapper[Any], column: Any) -> str:
     key: str = mapper.get_property_by_column(column).key
     return key
-
-
-def _bulk_update_or_delete(
-    state: ORMExecuteState,
-    uow: _UnitOfWork,
-    mapper: Mapper[Any],
-    specs: tuple[_ModelSpec, ...],
-) -> Result[Any]:
-    """Old keys from the rows the statement will change, locked; new keys read afterwards.
-
-    The statement is pinned to the primary keys selected: with the rows locked (FOR UPDATE, or
-    SQLite's database write lock), none of them can change between the SELECT and the UPDATE,
-    and no row that started to match in between is touched without our knowing its keys. It is
-    as if the statement had run at the moment of the SELECT.
-    """
-    session = state.session
-    cls = mapper.class_
-    pk_keys = [_attr_key(mapper, c) for c in mapper.primary_key]
-    fields = list(dict.fromkeys([*pk_keys, *_fields(specs)]))
-    stmt: Any = state.statement
-    _take_write_lock(state, mapper)
-
-    if state.is_executemany:
-        # ORM bulk UPDATE by primary key: session.execute(update(User), [{"id": 1, ...}, ...]).
-        params = state.parameters
-        rows_params = list(params) if isinstance(params, Sequence) else []
-        try:
-            pks = list(
-                dict.fromkeys(tuple(p[k] for k in pk_keys) for p in rows_params)
-            )
-        except KeyError as exc:
-            raise HybridInvalError(
-                f"bulk UPDATE of tracked {cls.__name__} by primary key: a parameter row lacks "
-                f"{exc}"
-            ) from exc
-        old = _select_rows(state, mapper, fields, _pk_in(mapper, pks), lock=True)
-        uow.add(session, _row_keys(specs, fields, old))
-        result = state.invoke_statement()
-    else:
-        where = stmt.whereclause
-        old = _select_rows(state, mapper, fields, where, lock=True)
-        pks = list(dict.fromkeys(tuple(row[: len(pk_keys)]) for row in old))
-        uow.add(session, _row_keys(specs, fields, old))
-        result = state.invoke_statement(statement=stmt.where(_pk_in(mapper, pks)))
-
-    if state.is_update and pks:
-        new = _select_rows(state, mapper, fields, _pk_in(mapper, pks), lock=False)
-        if len({tuple(r[: len(pk_keys)]) for r in new}) < len(pks):
-            raise HybridInvalError(
-                f"bulk UPDATE of tracked {cls.__name__} changed primary keys (or a trigger "
-                f"removed rows): hybridinval cannot compute the new keys. Update such rows "
-                f"through ORM objects, or roll back"
-            )
-        uow.add(session, _row_keys(specs, fields, new))
-    return result
-
-
-def _take_write_lock(state: ORMExecuteState, mapper: Mapper[Any]) -> None:
-    """On SQLite, which has no FOR UPDATE, take the database write lock before selecting.
-
-    A write statement that matches nothing starts the write transaction; from then on no other
-    connection can commit until ours ends, so the rows selected next are the rows updated.
-    """
-    conn = state.session.connection(bind_arguments=dict(state.bind_arguments))
-    if conn.dialect.name != "sqlite":
-        return
-    pk_col = mapper.primary_key[0]
-    conn.execute(update(pk_col.table).where(false()).values({pk_col.key: pk_col}))
-
-
-def _select_rows(
-    state: ORMExecuteState,
-    mapper: Mapper[Any],
-    fields: list[str],
-    where: Any,
-    *,
-    lock: bool,
-) -> list[Sequence[Any]]:
-    cls = mapper.class_
-    sel: Any = select(*[getattr(cls, f) for f in fields])
-    if where is not None:
-        sel = sel.where(where)
-    if lock:
-        sel = sel.with_for_update()  # rendered as nothing where unsupported (SQLite)
-    params = state.parameters if isinstance(state.parameters, Mapping) else None
-    rows = state.session.execute(
-        sel,
-        params,
-        bind_arguments=dict(state.bind_arguments),
-        execution_options={"autoflush": False},
-    ).all()
-    return [tuple(r) for r in rows]
-
-
-def _pk_in(mapper: Mapper[Any], pks: list[tuple[Any, ...]]) -> Any:
-    if not pks:
-        return false()
-    if len(mapper.primary_key) == 1:
-        return getattr(mapper.class_, _attr_key(mapper, mapper.primary_key[0])).in_(
-            [pk[0] for pk in pks]
-        )
-    attrs = [getattr(mapper.class_, _attr_key(mapper, c)) for c in mapper.primary_key]
-    return tuple_(*attrs).in_(pks)
 
 
 def _row_keys(
@@ -939,54 +1309,6 @@ def _row_keys(
     return keys
 
 
-def _bulk_insert(
-    state: ORMExecuteState,
-    uow: _UnitOfWork,
-    mapper: Mapper[Any],
-    specs: tuple[_ModelSpec, ...],
-) -> Result[Any] | None:
-    """Keys of new rows from their parameter rows; a missing field is an error, not a skip.
-
-    A brand-new row can still have stale cache entries: a cached "not found" for its key.
-    """
-    fields = _fields(specs)
-    params = state.parameters
-    if isinstance(params, Mapping) and params:
-        rows: list[Mapping[str, Any]] = [params]
-    elif isinstance(params, Sequence) and params:
-        rows = [p for p in params if isinstance(p, Mapping)]
-    else:
-        rows = [_single_values(state)]
-    missing = sorted({f for row in rows for f in fields if f not in row})
-    if not missing:
-        uow.add(state.session, [k for row in rows for k in _keys(specs, row)])
-        return None
-    if getattr(state.statement, "returning_column_descriptions", None):
-        # The statement has its own RETURNING: read the rows from a frozen copy of the
-        # result and give the caller an identical one.
-        frozen = state.invoke_statement().freeze()
-        returned = [dict(m) for m in frozen().mappings()]
-        if returned and all(f in returned[0] for f in fields):
-            uow.add(state.session, [k for row in returned for k in _keys(specs, row)])
-            return frozen()
-        if not returned:
-            return frozen()
-    raise HybridInvalError(
-        f"bulk INSERT into tracked {mapper.class_.__name__} without values for {missing}: the "
-        f"keys of the new rows cannot be computed. Pass those values, add "
-        f".returning({', '.join(fields)}), or use session.add_all()"
-    )
-
-
-def _single_values(state: ORMExecuteState) -> Mapping[str, Any]:
-    """The literal values of ``insert(Model).values(...)`` (one row), else nothing."""
-    try:
-        compiled = state.statement.compile()  # type: ignore[attr-defined]
-    except Exception:
-        return {}
-    return dict(compiled.params)
-
-
 # -- joined sessions: keys held for an outer connection-level transaction ---------------------
 
 
@@ -994,7 +1316,8 @@ class _OuterPending:
     __slots__ = ("caches", "callbacks", "installation", "keys", "transaction")
 
     def __init__(self, transaction: Any, installation: Installation) -> None:
-        self.transaction = transaction
+        # Weak: the transaction holds its connection, this entry's key.
+        self.transaction = weakref.ref(transaction) if transaction is not None else None
         self.installation = installation
         self.keys: dict[str, None] = {}
         self.callbacks: list[Callable[[], object]] = []
@@ -1019,7 +1342,7 @@ def _defer_to_outer(
 ) -> None:
     entry = _outer_pending.get(conn)
     outer = conn.get_transaction()
-    if entry is None or entry.transaction is not outer:
+    if entry is None or entry.transaction is None or entry.transaction() is not outer:
         entry = _outer_pending[conn] = _OuterPending(outer, installation)
     entry.keys.update(dict.fromkeys(keys))
     entry.callbacks.extend(callbacks)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, event, insert, select, update
+from sqlalchemy import Engine, delete, event, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from support.sa_models import Address, Item, Membership, Team, TrackedSession, User
@@ -243,7 +243,7 @@ def test_bulk_update_by_primary_key(Sessions: sessionmaker[Any], publishes: Publ
     assert set(publishes.calls[0]) == user_keys((1, "u1@x"), (1, "e1@x"), (3, "u3@x"))
 
 
-def test_bulk_insert_uses_the_parameter_rows_and_refuses_unknown_keys(
+def test_bulk_insert_uses_the_parameter_rows_and_the_new_primary_keys(
     Sessions: sessionmaker[Any], publishes: Publishes
 ) -> None:
     with Sessions.begin() as s:
@@ -251,9 +251,16 @@ def test_bulk_insert_uses_the_parameter_rows_and_refuses_unknown_keys(
         s.execute(insert(Item).values(id=1, value="v"))
     assert set(publishes.calls[0]) == user_keys((5, "a@x"), (6, "b@x")) | {"item:1"}
 
-    # Autoincrement ids: the new rows' keys (which may hold a cached "not found") are unknown.
-    with Sessions() as s, pytest.raises(Exception, match=r"without values for \['id'\]"):
-        s.execute(insert(User), [{"email": "c@x"}])
+    # Autoincrement ids, which SQLAlchemy does not report for an executemany INSERT without
+    # RETURNING: the new rows' keys (which may hold a cached "not found") are still published.
+    publishes.clear()
+    with Sessions.begin() as s:
+        s.execute(insert(User), [{"email": "c@x"}, {"email": "d@x"}])
+        s.execute(insert(User).values(email="e@x"))  # one row: its id is reported
+    with Sessions() as s:  # PostgreSQL's sequence gives 1, 2, 3; SQLite 7, 8, 9
+        rows = s.execute(select(User.id, User.email).where(User.id.not_in([5, 6]))).all()
+    assert len(rows) == 3
+    assert set(publishes.calls[0]) == user_keys(*((i, e) for i, e in rows))
 
 
 def test_bulk_insert_with_returning_reads_the_keys_and_returns_the_rows(
@@ -339,13 +346,28 @@ def test_sessions_of_other_factories_are_not_affected(
         invalidate_on_commit(s, "k")
 
 
-def test_bulk_update_keys_stay_exact_when_another_transaction_commits_in_between(
+def _after_key_select(engine: Engine, run: Any) -> Any:
+    """Call ``run()`` once, right after the first SELECT of ``hi_users`` (the bulk statement's
+    key SELECT) on ``engine``; returns the listener to remove."""
+    done: list[bool] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not done and statement.lstrip().upper().startswith("SELECT") and "hi_users" in statement:
+            done.append(True)
+            run()
+
+    event.listen(engine, "after_cursor_execute", listener)
+    return listener
+
+
+def test_a_row_that_starts_matching_after_the_key_select_is_still_invalidated(
     db: Any, engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
 ) -> None:
     """Right after the bulk statement's key SELECT, another connection makes user 3 match its
-    WHERE and commits. Either that commit cannot happen (SQLite: we hold the write lock) or the
-    UPDATE must not touch user 3 without publishing its keys (PostgreSQL: pinned to the rows
-    selected and locked)."""
+    WHERE and commits. SQLite: it cannot (the write lock is held from before the SELECT), so the
+    statement changes users 1 and 2. PostgreSQL (READ COMMITTED): it can, and the UPDATE then
+    changes user 3 too, exactly as without hybridinval; its keys were never selected, so they
+    are found from the row count and read as committed."""
     from sqlalchemy.exc import OperationalError
 
     seed_users(Sessions, publishes, 3)
@@ -356,37 +378,97 @@ def test_bulk_update_keys_stay_exact_when_another_transaction_commits_in_between
     interloper = db.engine(connect_args={"timeout": 0.2}) if db.kind == "sqlite" else engine
     outcome: list[str] = []
 
-    def after_key_select(state: Any) -> Any:
-        if not state.is_select or outcome:
-            return None
-        result = state.invoke_statement()  # our SELECT has run; now the interloper commits
+    def interlope() -> None:
         try:
             with interloper.begin() as conn:
                 conn.execute(update(User).where(User.id == 3).values(name="target"))
             outcome.append("committed")
         except OperationalError:
             outcome.append("locked out")
-        return result
 
-    with Sessions() as s:
-        s.begin()
-        event.listen(s, "do_orm_execute", after_key_select)
-        result = s.execute(
-            update(User).where(User.name == "target").values(email=User.email + "z"),
-            execution_options={"synchronize_session": False},
-        )
-        event.remove(s, "do_orm_execute", after_key_select)
-        updated = result.rowcount
-        s.commit()
+    listener = _after_key_select(engine, interlope)
+    try:
+        with Sessions() as s:
+            s.begin()
+            result = s.execute(
+                update(User).where(User.name == "target").values(email=User.email + "z"),
+                execution_options={"synchronize_session": False},
+            )
+            updated = result.rowcount
+            s.commit()
+    finally:
+        event.remove(engine, "after_cursor_execute", listener)
+        if interloper is not engine:
+            interloper.dispose()
     with Sessions() as s:
         emails = {i: e for i, e in s.execute(select(User.id, User.email))}
-    keys = publishes.keys
+    expected = user_keys((1, "u1@x"), (2, "u2@x"), (1, "u1@xz"), (2, "u2@xz"))
     if db.kind == "sqlite":
         assert outcome == ["locked out"]
+        assert updated == 2 and emails[3] == "u3@x"
     else:
         assert outcome == ["committed"]
-    # User 3 untouched: the statement ran as of its SELECT.
-    assert updated == 2 and emails[3] == "u3@x"
-    assert keys == user_keys((1, "u1@x"), (2, "u2@x"), (1, "u1@xz"), (2, "u2@xz"))
-    if interloper is not engine:
-        interloper.dispose()
+        assert updated == 3 and emails[3] == "u3@xz"
+        expected |= user_keys((3, "u3@x"), (3, "u3@xz"))
+    assert publishes.keys == expected
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_selected_row_stays_locked_until_the_bulk_statement_commits(
+    db: Any, engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    """The key SELECT locks what it read: another transaction that changes user 1's e-mail right
+    after it waits for our COMMIT (PostgreSQL: FOR UPDATE; SQLite: the write lock), so the old
+    e-mail published is the one the UPDATE really replaced."""
+    import threading
+
+    seed_users(Sessions, publishes, 2)
+    blocked = threading.Event()
+    errors: list[BaseException] = []
+    backend: list[int] = []
+    connected = threading.Event()
+
+    def change_email() -> None:
+        try:
+            with engine.begin() as conn:
+                backend.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+                connected.set()
+                conn.execute(update(User).where(User.id == 1).values(email="other@x"))
+        except BaseException as exc:
+            errors.append(exc)
+            connected.set()
+
+    worker = threading.Thread(target=change_email)
+
+    def start_and_wait_until_blocked() -> None:
+        worker.start()
+        connected.wait(10)
+        with engine.connect() as probe:
+            for _ in range(1000):
+                if not backend or not worker.is_alive():
+                    break
+                waiting = probe.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid "
+                        "AND wait_event_type = 'Lock'"
+                    ),
+                    {"pid": backend[0]},
+                ).scalar()
+                if waiting:
+                    blocked.set()
+                    break
+                worker.join(0.01)
+
+    listener = _after_key_select(engine, start_and_wait_until_blocked)
+    try:
+        with Sessions.begin() as s:
+            s.execute(
+                update(User).where(User.id == 1).values(name="bulk"),
+                execution_options={"synchronize_session": False},
+            )
+    finally:
+        event.remove(engine, "after_cursor_execute", listener)
+        worker.join(10)
+    assert not errors
+    assert blocked.is_set(), "the row selected for its keys was not locked"
+    assert publishes.calls[0] == ["user:1", "user_by_email:u1@x"]
