@@ -96,7 +96,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.orm.state import InstanceState
-from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.expression import BindParameter, UpdateBase
 
 from .errors import HybridInvalError, TransactionStateError
 
@@ -832,7 +833,7 @@ def _select_row(
     columns = [mapper.columns[f] for f in fields]
     criteria = [col == value for col, value in zip(mapper.primary_key, pk, strict=True)]
     stmt = select(*columns).select_from(mapper.persist_selectable).where(and_(*criteria))
-    row = connection.execute(stmt).first()
+    row = _quiet(connection).execute(stmt).first()
     if row is None:
         # Gone (deleted by another transaction that committed, and published, first): no key
         # of it can be read, and SQLAlchemy reports the stale row in its own way.
@@ -885,6 +886,27 @@ def _forwarded_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _quiet(conn: Connection) -> Connection:
+    """``conn``'s DBAPI connection, in its transaction, without the engine's event listeners.
+
+    hybridinval's own reads (key columns before and after a bulk statement, an expired key field
+    at flush) run through it, so that they are invisible to what listens to the application's
+    statements (statement counters, SQL assertions, hooks that rewrite statements), just as the
+    isolation-level query of a new connection is. It never begins, commits or closes anything:
+    the DBAPI connection stays the session's. SQLAlchemy builds such connections itself, with
+    ``_has_events=False``, for statements that must not reach the engine's listeners.
+    """
+    if not isinstance(conn.engine, Engine):
+        return conn
+    return Connection(
+        conn.engine,
+        connection=conn.connection,
+        _has_events=False,
+        _allow_revalidate=False,
+        _allow_autobegin=False,
+    )
+
+
 def _in_chunks(conn: Connection, items: Sequence[Any], width: int) -> Iterator[Sequence[Any]]:
     size = max(1, _IN_CHUNK.get(conn.dialect.name, _DEFAULT_IN_CHUNK) // max(width, 1))
     for i in range(0, len(items), size):
@@ -935,23 +957,57 @@ class _KeySelect:
             sel = sel.with_for_update(of=self.target)
         return sel
 
-    def by_pk(self, pks: Sequence[tuple[Any, ...]]) -> Any:
+    def by_pk(self, pks: Sequence[tuple[Any, ...]], *, lock: bool = False) -> Any:
         pk_cols = self.columns[: self.npk]
         if self.npk == 1:
-            return self.where(pk_cols[0].in_([pk[0] for pk in pks]), lock=False)
-        return self.where(tuple_(*pk_cols).in_(list(pks)), lock=False)
+            return self.where(pk_cols[0].in_([pk[0] for pk in pks]), lock=lock)
+        return self.where(tuple_(*pk_cols).in_(list(pks)), lock=lock)
+
+    def pk_bind_names(self, criteria: Any) -> list[str] | None:
+        """For a WHERE that is exactly ``pk_col == :bind`` for every primary-key column (an
+        executemany UPDATE by primary key), the bind names in primary-key order; else None."""
+        terms = list(getattr(criteria, "clauses", None) or [criteria])
+        if len(terms) != self.npk or (
+            len(terms) > 1 and getattr(criteria, "operator", None) is not operators.and_
+        ):
+            return None
+        names: list[str | None] = [None] * self.npk
+        pk_cols = self.columns[: self.npk]
+        for term in terms:
+            left, right = getattr(term, "left", None), getattr(term, "right", None)
+            if getattr(term, "operator", None) is not operators.eq:
+                return None
+            if not isinstance(right, BindParameter) or left is None:
+                return None
+            col = self.target.corresponding_column(left)
+            index = next((i for i, c in enumerate(pk_cols) if c is col), None)
+            if index is None or names[index] is not None:
+                return None
+            names[index] = right.key
+        return [n for n in names if n is not None] if None not in names else None
 
     def read(
         self, conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(sel, params, execution_options=options)]
 
+    def read_quietly(
+        self, conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        return self.read(_quiet(conn), sel, params, options)
+
     def read_by_pk(
-        self, conn: Connection, pks: Sequence[tuple[Any, ...]], options: Mapping[str, Any]
+        self,
+        conn: Connection,
+        pks: Sequence[tuple[Any, ...]],
+        options: Mapping[str, Any],
+        *,
+        lock: bool = False,
     ) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []
+        quiet = _quiet(conn)
         for chunk in _in_chunks(conn, pks, self.npk):
-            rows.extend(self.read(conn, self.by_pk(chunk), {}, options))
+            rows.extend(self.read(quiet, self.by_pk(chunk, lock=lock), {}, options))
         return rows
 
     def keys(self, specs: tuple[_ModelSpec, ...], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -1009,10 +1065,16 @@ class _UpdateDeleteWatch(_Watch):
         super().__init__(*args)
         self.dml = dml
         _hold_sqlite_write_lock(self.conn)
-        sel = self.keysel.where(dml.whereclause, lock=True)
         old: list[tuple[Any, ...]] = []
-        for params in self.params:
-            old.extend(self.keysel.read(self.conn, sel, params, self.options))
+        names = self.keysel.pk_bind_names(dml.whereclause) if len(self.params) > 1 else None
+        if names is not None:
+            # ORM bulk UPDATE by primary key: one locked SELECT per chunk of rows, not per row.
+            wanted = list(dict.fromkeys(tuple(p[n] for n in names) for p in self.params))
+            old = self.keysel.read_by_pk(self.conn, wanted, self.options, lock=True)
+        else:
+            sel = self.keysel.where(dml.whereclause, lock=True)
+            for params in self.params:
+                old.extend(self.keysel.read_quietly(self.conn, sel, params, self.options))
         self.old = old
         self.pks = list(dict.fromkeys(r[: self.keysel.npk] for r in old))
         self.add(self.keysel.keys(self.specs, old))
@@ -1058,7 +1120,7 @@ class _UpdateDeleteWatch(_Watch):
             len(self.pks),
         )
         rows: list[tuple[Any, ...]] = []
-        with engine.connect() as other:
+        with Connection(engine, _has_events=False) as other:  # a pooled one, quietly
             for params in self.params:
                 rows.extend(self.keysel.read(other, sel, params, self.options))
         known = set(self.pks)
@@ -1128,7 +1190,7 @@ class _InsertWatch(_Watch):
         ):
             col = self.keysel.columns[0]
             sel = select(func.max(col)).select_from(self.keysel.from_)
-            self.floor = self.conn.execute(sel, execution_options=self.options).scalar()
+            self.floor = _quiet(self.conn).execute(sel, execution_options=self.options).scalar()
 
     def after(self, result: Any) -> None:
         fields = _fields(self.specs)
@@ -1205,7 +1267,7 @@ class _InsertWatch(_Watch):
         for chunk in _in_chunks(self.conn, matchers, width):
             criteria = or_(*chunk) if floor is None else and_(floor, or_(*chunk))
             sel = self.keysel.where(criteria, lock=False)
-            out.extend(self.keysel.read(self.conn, sel, {}, self.options))
+            out.extend(self.keysel.read_quietly(self.conn, sel, {}, self.options))
         return list(dict.fromkeys(out))
 
 

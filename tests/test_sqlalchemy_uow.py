@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, event, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, event, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from support.sa_models import Address, Item, Membership, Team, TrackedSession, User
@@ -348,7 +348,8 @@ def test_sessions_of_other_factories_are_not_affected(
 
 def _after_key_select(engine: Engine, run: Any) -> Any:
     """Call ``run()`` once, right after the first SELECT of ``hi_users`` (the bulk statement's
-    key SELECT) on ``engine``; returns the listener to remove."""
+    key SELECT, which runs without the engine's listeners: a listener on the Connection class
+    sees it); returns the listener to remove."""
     done: list[bool] = []
 
     def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -356,7 +357,7 @@ def _after_key_select(engine: Engine, run: Any) -> Any:
             done.append(True)
             run()
 
-    event.listen(engine, "after_cursor_execute", listener)
+    event.listen(Connection, "after_cursor_execute", listener)
     return listener
 
 
@@ -397,7 +398,7 @@ def test_a_row_that_starts_matching_after_the_key_select_is_still_invalidated(
             updated = result.rowcount
             s.commit()
     finally:
-        event.remove(engine, "after_cursor_execute", listener)
+        event.remove(Connection, "after_cursor_execute", listener)
         if interloper is not engine:
             interloper.dispose()
     with Sessions() as s:
@@ -467,7 +468,7 @@ def test_a_selected_row_stays_locked_until_the_bulk_statement_commits(
                 execution_options={"synchronize_session": False},
             )
     finally:
-        event.remove(engine, "after_cursor_execute", listener)
+        event.remove(Connection, "after_cursor_execute", listener)
         worker.join(10)
     assert not errors
     assert blocked.is_set(), "the row selected for its keys was not locked"
