@@ -27,13 +27,19 @@ How keys are collected
       and the new parent. A tracked object that SQLAlchemy flushes as dirty only because one of its
       collections changed (``user.addresses.append(a)``) also has its own keys invalidated,
       because cached values commonly embed the children.
-    * Bulk ``session.execute(update(User)...)``/``delete(...)``: the matched rows' key columns are
-      selected first in the same transaction (``FOR UPDATE`` where the database has it; on SQLite
-      the write lock is taken first), the statement is pinned to exactly those primary keys, and
-      for UPDATE the rows are read again afterwards. So old and new keys are exact even while
-      other transactions commit. Bulk INSERT uses the parameter rows (or the statement's own
-      RETURNING); when a key field is in neither (an autoincrement id) it raises rather than
-      silently skip a key that may hold a cached "not found".
+    * Bulk ``session.execute(update(User)...)``/``delete(...)``/``insert(...)`` (also inside
+      ``select(User).from_statement(...)``): watched where the statement reaches the database
+      (the engine's ``before_execute``/``after_execute``), after SQLAlchemy's autoflush, every
+      ``do_orm_execute`` hook, the shard's connection and the final execution options. The
+      statement is never changed. Just before it, on its connection and in its transaction, a
+      SELECT of the key columns with the statement's own WHERE, locked (``FOR UPDATE OF`` the
+      target; SQLite's write lock is taken first), gives the old keys; an UPDATE that may change
+      a key field has the same rows read again by primary key afterwards. A row that starts to
+      match in between (READ COMMITTED) shows in the statement's row count and is read as
+      committed through a second connection. INSERT keys come from the values bound, the
+      primary keys SQLAlchemy reports and, for fields neither has, the new rows read back. These
+      reads are ordinary statements on the session's connection: the engine's listeners see
+      them (a statement counter counts them), and rewriting listeners apply to them too.
     * ``invalidate_on_commit(session, *keys)`` for anything else (raw SQL, derived values).
 
 After-commit work
@@ -64,17 +70,19 @@ Reading through a session (:class:`SessionCache`)
     write lock, so nobody else can commit under them) keep caching.
 
 Not seen (declare their keys with ``invalidate_on_commit``)
-    Raw SQL (``text()``), Core statements run on ``session.connection()``, the legacy
+    Raw SQL (``text()``), Core statements on tables rather than mapped classes, the legacy
     ``Session.bulk_save_objects``/``bulk_*_mappings`` methods (SQLAlchemy fires no event for
-    them), and the old key values of rows an ``INSERT ... ON CONFLICT DO UPDATE`` changes.
-    A bulk UPDATE that changes primary keys raises. The isolation level is read once per
-    DBAPI connection; a level changed by raw ``SET`` statements is not noticed.
+    them), the old key values of rows an ``INSERT ... ON CONFLICT DO UPDATE`` changes, and the
+    new key values of a bulk UPDATE that changes primary keys (logged). The isolation level is
+    read once per DBAPI connection; a level changed by raw ``SET`` statements is not noticed.
 
 This module must never publish a key before the COMMIT that made it stale has reached the
 database (not at flush, not at SAVEPOINT release, not when a joined session "commits"), never
 let a failed publish raise out of ``commit()``, and never store in L1 or L2 a value read through
-a session that could see uncommitted or outdated rows for it. It never emits SQL outside the
-session's own transaction.
+a session that could see uncommitted or outdated rows for it. It never changes a statement
+the application runs, never refuses one SQLAlchemy accepts, and reads only in the session's own
+transaction (the one exception: rows that started to match a bulk statement late are read as
+committed on a second connection of the same engine, read-only).
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.expression import BindParameter, UpdateBase
 
@@ -833,7 +842,7 @@ def _select_row(
     columns = [mapper.columns[f] for f in fields]
     criteria = [col == value for col, value in zip(mapper.primary_key, pk, strict=True)]
     stmt = select(*columns).select_from(mapper.persist_selectable).where(and_(*criteria))
-    row = _quiet(connection).execute(stmt).first()
+    row = connection.execute(stmt).first()
     if row is None:
         # Gone (deleted by another transaction that committed, and published, first): no key
         # of it can be read, and SQLAlchemy reports the stale row in its own way.
@@ -884,27 +893,6 @@ def _forwarded_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
     if translate:
         out["schema_translate_map"] = translate
     return out
-
-
-def _quiet(conn: Connection) -> Connection:
-    """``conn``'s DBAPI connection, in its transaction, without the engine's event listeners.
-
-    hybridinval's own reads (key columns before and after a bulk statement, an expired key field
-    at flush) run through it, so that they are invisible to what listens to the application's
-    statements (statement counters, SQL assertions, hooks that rewrite statements), just as the
-    isolation-level query of a new connection is. It never begins, commits or closes anything:
-    the DBAPI connection stays the session's. SQLAlchemy builds such connections itself, with
-    ``_has_events=False``, for statements that must not reach the engine's listeners.
-    """
-    if not isinstance(conn.engine, Engine):
-        return conn
-    return Connection(
-        conn.engine,
-        connection=conn.connection,
-        _has_events=False,
-        _allow_revalidate=False,
-        _allow_autobegin=False,
-    )
 
 
 def _in_chunks(conn: Connection, items: Sequence[Any], width: int) -> Iterator[Sequence[Any]]:
@@ -991,11 +979,6 @@ class _KeySelect:
     ) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(sel, params, execution_options=options)]
 
-    def read_quietly(
-        self, conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
-    ) -> list[tuple[Any, ...]]:
-        return self.read(_quiet(conn), sel, params, options)
-
     def read_by_pk(
         self,
         conn: Connection,
@@ -1005,9 +988,8 @@ class _KeySelect:
         lock: bool = False,
     ) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []
-        quiet = _quiet(conn)
         for chunk in _in_chunks(conn, pks, self.npk):
-            rows.extend(self.read(quiet, self.by_pk(chunk, lock=lock), {}, options))
+            rows.extend(self.read(conn, self.by_pk(chunk, lock=lock), {}, options))
         return rows
 
     def keys(self, specs: tuple[_ModelSpec, ...], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -1059,24 +1041,31 @@ class _UpdateDeleteWatch(_Watch):
     version is the one it changed) through a second connection of the same engine.
     """
 
-    __slots__ = ("dml", "old", "pks")
+    __slots__ = ("dml", "locked", "pks")
 
     def __init__(self, dml: Any, *args: Any) -> None:
         super().__init__(*args)
         self.dml = dml
         _hold_sqlite_write_lock(self.conn)
+        npk = self.keysel.npk
         old: list[tuple[Any, ...]] = []
         names = self.keysel.pk_bind_names(dml.whereclause) if len(self.params) > 1 else None
         if names is not None:
             # ORM bulk UPDATE by primary key: one locked SELECT per chunk of rows, not per row.
+            # No row can start matching a primary key, so there is no row count to check.
             wanted = list(dict.fromkeys(tuple(p[n] for n in names) for p in self.params))
             old = self.keysel.read_by_pk(self.conn, wanted, self.options, lock=True)
+            self.locked: int | None = None
         else:
             sel = self.keysel.where(dml.whereclause, lock=True)
+            self.locked = 0
             for params in self.params:
-                old.extend(self.keysel.read_quietly(self.conn, sel, params, self.options))
-        self.old = old
-        self.pks = list(dict.fromkeys(r[: self.keysel.npk] for r in old))
+                rows = self.keysel.read(self.conn, sel, params, self.options)
+                # The statement's row count, if no other row matches late: each parameter set
+                # changes each of its rows once (a join may repeat one in the SELECT).
+                self.locked += len({r[:npk] for r in rows})
+                old.extend(rows)
+        self.pks = list(dict.fromkeys(r[:npk] for r in old))
         self.add(self.keysel.keys(self.specs, old))
 
     def after(self, result: Any) -> None:
@@ -1097,8 +1086,10 @@ class _UpdateDeleteWatch(_Watch):
         self.add(self.keysel.keys(self.specs, new))
 
     def _late_rows(self, result: Any) -> list[tuple[Any, ...]]:
-        """Rows the statement changed that were not locked by the key SELECT (read committed,
-        from a second connection); empty when the row count proves there are none."""
+        """Rows the statement changed that were not locked by the key SELECT, read as committed
+        from a second connection; empty when the row count proves there are none."""
+        if self.locked is None:
+            return []
         dialect = self.conn.dialect
         sane = (
             dialect.supports_sane_multi_rowcount
@@ -1109,22 +1100,32 @@ class _UpdateDeleteWatch(_Watch):
             count = result.rowcount
         except Exception:
             count = -1
-        engine = getattr(self.conn, "engine", None)
-        if not sane or count <= len(self.pks) or not isinstance(engine, Engine):
+        if not sane or count <= self.locked:
             return []
-        sel = self.keysel.where(self.dml.whereclause, lock=False)
+        engine = getattr(self.conn, "engine", None)
+        if not isinstance(engine, Engine) or isinstance(engine.pool, _SHARED_CONNECTION_POOLS):
+            # One connection for everyone (SQLite :memory:): nobody else could have committed,
+            # and a "second" connection would be this one.
+            return []
         log.info(
-            "bulk %s of tracked %s matched %d row(s) but %d were locked for their keys (a "
+            "bulk %s of tracked %s changed %d row(s) but %d were locked for their keys (a "
             "concurrent commit); reading the others as committed",
-            "UPDATE" if self.dml.is_update else "DELETE", self.mapper.class_.__name__, count,
-            len(self.pks),
+            "UPDATE" if self.dml.is_update else "DELETE",
+            self.mapper.class_.__name__,
+            count,
+            self.locked,
         )
+        sel = self.keysel.where(self.dml.whereclause, lock=False)
         rows: list[tuple[Any, ...]] = []
-        with Connection(engine, _has_events=False) as other:  # a pooled one, quietly
+        with engine.connect() as other:
             for params in self.params:
                 rows.extend(self.keysel.read(other, sel, params, self.options))
         known = set(self.pks)
         return [r for r in rows if r[: self.keysel.npk] not in known]
+
+
+# Pools that hand every checkout the same DBAPI connection.
+_SHARED_CONNECTION_POOLS = (SingletonThreadPool, StaticPool, AssertionPool)
 
 
 def _assigned_names(dml: Any, param_sets: list[Any]) -> set[str] | None:
@@ -1190,7 +1191,7 @@ class _InsertWatch(_Watch):
         ):
             col = self.keysel.columns[0]
             sel = select(func.max(col)).select_from(self.keysel.from_)
-            self.floor = _quiet(self.conn).execute(sel, execution_options=self.options).scalar()
+            self.floor = self.conn.execute(sel, execution_options=self.options).scalar()
 
     def after(self, result: Any) -> None:
         fields = _fields(self.specs)
@@ -1267,7 +1268,7 @@ class _InsertWatch(_Watch):
         for chunk in _in_chunks(self.conn, matchers, width):
             criteria = or_(*chunk) if floor is None else and_(floor, or_(*chunk))
             sel = self.keysel.where(criteria, lock=False)
-            out.extend(self.keysel.read_quietly(self.conn, sel, {}, self.options))
+            out.extend(self.keysel.read(self.conn, sel, {}, self.options))
         return list(dict.fromkeys(out))
 
 

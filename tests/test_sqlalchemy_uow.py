@@ -7,10 +7,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, delete, event, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from support.sa_models import Address, Item, Membership, Team, TrackedSession, User
+from support.sa_models import Address, Base, Item, Membership, Team, TrackedSession, User
 from support.sa_spy import Publishes
 
 from hybridinval import HybridCache, TransactionStateError
@@ -473,3 +484,40 @@ def test_a_selected_row_stays_locked_until_the_bulk_statement_commits(
     assert not errors
     assert blocked.is_set(), "the row selected for its keys was not locked"
     assert publishes.calls[0] == ["user:1", "user_by_email:u1@x"]
+
+
+def test_a_chained_executemany_on_a_single_connection_pool_keeps_its_transaction(
+    cache: HybridCache,
+) -> None:
+    """An executemany UPDATE whose later parameter sets match rows an earlier one changed
+    reports more rows than its key SELECTs locked, as a concurrent commit would. On a pool that
+    hands out one connection (SQLite ``:memory:``) no second connection may be used to read
+    committed rows: it would be this one, and returning it to the pool rolled the session's
+    transaction back."""
+    engine = create_engine("sqlite://")  # SingletonThreadPool
+    Base.metadata.create_all(engine)
+    Sessions = sessionmaker(engine, class_=TrackedSession)
+    installation = install(Sessions, cache)
+    publishes = Publishes(cache)
+    try:
+        with Sessions.begin() as s:
+            s.add_all([User(id=1, email="a@x", name="n1"), User(id=2, email="b@x", name="n2")])
+        publishes.clear()
+        with Sessions() as s:
+            result = s.execute(
+                update(User).where(User.name == bindparam("old")).values(name=bindparam("new")),
+                [{"old": "n1", "new": "n2"}, {"old": "n2", "new": "n3"}],
+                execution_options={"synchronize_session": False, "dml_strategy": "core_only"},
+            )
+            assert result.rowcount == 3
+            assert s.in_transaction()
+            s.commit()
+        with Sessions() as s:
+            assert s.execute(select(User.id, User.name).order_by(User.id)).all() == [
+                (1, "n3"),
+                (2, "n3"),
+            ]
+        assert publishes.keys == user_keys((1, "a@x"), (2, "b@x"))
+    finally:
+        installation.uninstall()
+        engine.dispose()
