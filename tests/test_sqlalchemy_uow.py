@@ -359,8 +359,7 @@ def test_sessions_of_other_factories_are_not_affected(
 
 def _after_key_select(engine: Engine, run: Any) -> Any:
     """Call ``run()`` once, right after the first SELECT of ``hi_users`` (the bulk statement's
-    key SELECT, which runs without the engine's listeners: a listener on the Connection class
-    sees it); returns the listener to remove."""
+    key SELECT) on any connection; returns the listener to remove."""
     done: list[bool] = []
 
     def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
