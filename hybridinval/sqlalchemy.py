@@ -820,8 +820,9 @@ def _key_fields(
     connection: Connection,
     pk: Callable[[], Sequence[Any]],
 ) -> dict[str, Any]:
-    """The specs' key fields: ``known(field)`` where it knows them (else ``_MISSING``), and the
-    rest in one SELECT by primary key."""
+    """The specs' key fields: ``known(field)`` where it knows them (else ``_MISSING``), a
+    primary-key field from ``pk()`` (the identity of an expired object: no query), and the rest
+    in one SELECT by primary key."""
     values: dict[str, Any] = {}
     missing: list[str] = []
     for field in _fields(specs):
@@ -831,7 +832,14 @@ def _key_fields(
         else:
             values[field] = value
     if missing:
-        values.update(_select_row(mapper, connection, missing, pk()))
+        key = tuple(pk())
+        pk_fields = [_attr_key(mapper, c) for c in mapper.primary_key]
+        for field, value in zip(pk_fields, key, strict=False):
+            if field in missing and value is not None:
+                values[field] = value
+                missing.remove(field)
+        if missing:
+            values.update(_select_row(mapper, connection, missing, key))
     return values
 
 

@@ -520,3 +520,36 @@ def test_a_chained_executemany_on_a_single_connection_pool_keeps_its_transaction
     finally:
         installation.uninstall()
         engine.dispose()
+
+
+def test_an_expired_object_is_keyed_by_its_identity_without_a_query(
+    engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    """``item:{id}`` of an object expired by commit() comes from its identity: deleting and
+    updating it emit exactly the statements SQLAlchemy emits without hybridinval."""
+
+    def statements(factory: sessionmaker[Any], item_id: int) -> list[str]:
+        with factory.begin() as s:
+            s.add(Item(id=item_id, value="v"))
+        seen: list[str] = []
+
+        def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            seen.append(statement.split()[0])
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            with factory() as s:
+                item = s.get(Item, item_id)
+                s.commit()  # expires it
+                item.value = "w"
+                s.commit()
+                s.delete(item)
+                s.commit()
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        return seen
+
+    plain = statements(sessionmaker(engine), 1)
+    publishes.clear()
+    assert statements(Sessions, 2) == plain
+    assert publishes.calls == [["item:2"]] * 3  # insert, update, delete
