@@ -233,7 +233,6 @@ _tracked: weakref.WeakKeyDictionary[type, _ModelSpec] = weakref.WeakKeyDictionar
 _specs_by_class: weakref.WeakKeyDictionary[type, tuple[_ModelSpec, ...]] = (
     weakref.WeakKeyDictionary()
 )
-_mapper_listeners_installed = False
 
 
 def track(
@@ -703,19 +702,12 @@ def _dedicated_sync_class(sync_class: type[Session], target: Any) -> type[Sessio
 
 
 def _install_mapper_listeners() -> None:
-    global _mapper_listeners_installed
-    if _mapper_listeners_installed:
-        return
-    # On Mapper itself: every mapped class, including subclasses mapped later. Each listener
-    # returns after a dict lookup for classes nobody tracked.
-    # Old values before UPDATE/DELETE, new values after INSERT/UPDATE: a changed key field
-    # invalidates both the key it had and the key it has.
-    old_keys, new_keys = _key_collector(_old_values), _key_collector(_current_values)
-    event.listen(Mapper, "after_insert", new_keys)
-    event.listen(Mapper, "before_update", old_keys)
-    event.listen(Mapper, "after_update", new_keys)
-    event.listen(Mapper, "before_delete", old_keys)
-    _mapper_listeners_installed = True
+    """Listen on Mapper itself: every mapped class, including subclasses mapped later. Each
+    listener returns after a dict lookup for classes nobody tracked. Checked on every track(),
+    so listeners that a test suite cleared globally (``Mapper.dispatch._clear()``) come back."""
+    for name, listener in _MAPPER_LISTENERS:
+        if not event.contains(Mapper, name, listener):
+            event.listen(Mapper, name, listener)
 
 
 def _flush_context(
@@ -813,6 +805,17 @@ def _current_values(
     return _key_fields(specs, lambda f: current.get(f, _MISSING), mapper, connection, pk)
 
 
+# Old values before UPDATE/DELETE, new values after INSERT/UPDATE: a changed key field
+# invalidates both the key it had and the key it has.
+_old_keys, _new_keys = _key_collector(_old_values), _key_collector(_current_values)
+_MAPPER_LISTENERS: tuple[tuple[str, _MapperListener], ...] = (
+    ("after_insert", _new_keys),
+    ("before_update", _old_keys),
+    ("after_update", _new_keys),
+    ("before_delete", _old_keys),
+)
+
+
 def _key_fields(
     specs: tuple[_ModelSpec, ...],
     known: Callable[[str], Any],
@@ -850,7 +853,8 @@ def _select_row(
     columns = [mapper.columns[f] for f in fields]
     criteria = [col == value for col, value in zip(mapper.primary_key, pk, strict=True)]
     stmt = select(*columns).select_from(mapper.persist_selectable).where(and_(*criteria))
-    row = connection.execute(stmt).first()
+    rows = _read_rows(connection, stmt, {}, {})
+    row = rows[0] if rows else None
     if row is None:
         # Gone (deleted by another transaction that committed, and published, first): no key
         # of it can be read, and SQLAlchemy reports the stale row in its own way.
@@ -894,13 +898,31 @@ def _param_sets(multiparams: Sequence[Mapping[str, Any]], params: Mapping[str, A
     return list(multiparams) if multiparams else [params]
 
 
+def _read_rows(
+    conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Every read hybridinval makes for keys goes through here: an ordinary statement on the
+    session's connection (or a second one), seen by the engine's listeners like any other."""
+    return [tuple(r) for r in conn.execute(sel, params, execution_options=options)]
+
+
+# Execution options that belong to the ORM statement itself, or that a Connection accepts only
+# through Connection.execution_options() (they are in force on the connection anyway).
+_UNFORWARDED_OPTIONS = frozenset({
+    "autoflush", "dml_strategy", "identity_token", "is_delete_using", "is_update_from",
+    "populate_existing", "render_nulls", "synchronize_session", "isolation_level",
+    "postgresql_readonly", "postgresql_deferrable", "logging_token",
+})
+
+
 def _forwarded_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The statement's execution options that change what our SELECTs read."""
-    out: dict[str, Any] = {}
-    translate = execution_options.get("schema_translate_map")
-    if translate:
-        out["schema_translate_map"] = translate
-    return out
+    """The statement's execution options, for the SELECTs that read its keys: the user's own
+    (``schema_translate_map``, options that hooks and listeners look for), not the ORM's."""
+    return {
+        k: v
+        for k, v in execution_options.items()
+        if not k.startswith("_") and k not in _UNFORWARDED_OPTIONS
+    }
 
 
 def _in_chunks(conn: Connection, items: Sequence[Any], width: int) -> Iterator[Sequence[Any]]:
@@ -985,7 +1007,7 @@ class _KeySelect:
     def read(
         self, conn: Connection, sel: Any, params: Any, options: Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in conn.execute(sel, params, execution_options=options)]
+        return _read_rows(conn, sel, params, options)
 
     def read_by_pk(
         self,
@@ -1199,7 +1221,7 @@ class _InsertWatch(_Watch):
         ):
             col = self.keysel.columns[0]
             sel = select(func.max(col)).select_from(self.keysel.from_)
-            self.floor = self.conn.execute(sel, execution_options=self.options).scalar()
+            self.floor = _read_rows(self.conn, sel, {}, self.options)[0][0]
 
     def after(self, result: Any) -> None:
         fields = _fields(self.specs)

@@ -553,3 +553,17 @@ def test_an_expired_object_is_keyed_by_its_identity_without_a_query(
     publishes.clear()
     assert statements(Sessions, 2) == plain
     assert publishes.calls == [["item:2"]] * 3  # insert, update, delete
+
+
+def test_track_puts_back_flush_listeners_that_were_cleared(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    """Test suites clear ORM listeners globally between tests (SQLAlchemy's own does); the next
+    track() must bring hybridinval's back, or nothing would be invalidated from then on."""
+    from sqlalchemy.orm import Mapper
+
+    Mapper.dispatch._clear()
+    track(Item, keys=["item:{id}"])
+    with Sessions.begin() as s:
+        s.add(Item(id=1, value="v"))
+    assert publishes.calls == [["item:1"]]
