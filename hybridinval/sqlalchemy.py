@@ -103,6 +103,7 @@ from sqlalchemy import Column, and_, event, func, inspect, or_, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import operators
@@ -1234,18 +1235,13 @@ class _InsertWatch(_Watch):
             pk_rows: list[Any] = list(result.inserted_primary_key_rows)
         except Exception:
             pk_rows = []
-        columns = self.table.c
+        attrs = _column_attrs(mapper, self.table)
         pk_keys = [_attr_key(mapper, c) for c in mapper.primary_key]
         keys: list[str] = []
         lookups: list[tuple[Any, ...]] = []
         unknown: list[dict[str, Any]] = []
         for i, params in enumerate(bound):
-            values: dict[str, Any] = {}
-            for name, value in params.items():
-                col = columns.get(name) if isinstance(name, str) else None
-                prop = mapper._columntoproperty.get(col) if col is not None else None
-                if prop is not None:
-                    values[prop.key] = value
+            values = {attrs[name]: value for name, value in params.items() if name in attrs}
             if i < len(pk_rows) and pk_rows[i] is not None:
                 for key, value in zip(pk_keys, pk_rows[i], strict=False):
                     if value is not None:
@@ -1304,6 +1300,17 @@ class _InsertWatch(_Watch):
 
 # Values an INSERT's row can be found again by (equality is exact for them in every database).
 _COMPARABLE = (str, int, bool, bytes, uuid.UUID, datetime.date, datetime.time, decimal.Decimal)
+
+
+def _column_attrs(mapper: Mapper[Any], table: Any) -> dict[str, str]:
+    """Bind names of an INSERT into ``table`` (its column keys) -> the mapped attribute names."""
+    attrs: dict[str, str] = {}
+    for col in table.c:
+        try:
+            attrs[col.key] = _attr_key(mapper, col)
+        except UnmappedColumnError:
+            continue  # a column of the table that this mapper does not map
+    return attrs
 
 
 def _is_integer(col: Any) -> bool:
