@@ -88,6 +88,7 @@ committed on a second connection of the same engine, read-only).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import logging
@@ -99,15 +100,15 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Column, and_, event, func, inspect, or_, select, tuple_
+from sqlalchemy import Column, UniqueConstraint, and_, event, func, inspect, or_, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.expression import BindParameter, UpdateBase
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.expression import CTE, BindParameter, ClauseElement, UpdateBase
 
 from .errors import HybridInvalError, TransactionStateError
 
@@ -965,7 +966,7 @@ class _KeySelect:
         self.fields = fields
         self.from_ = from_
 
-    def where(self, criteria: Any, *, lock: bool) -> Any:
+    def where(self, criteria: Any, *, lock: bool, key_share: bool = False) -> Any:
         sel: Any = select(*self.columns).select_from(self.from_)
         if criteria is not None:
             sel = sel.where(criteria)
@@ -973,14 +974,20 @@ class _KeySelect:
             # OF the target only: the statement's other FROMs (a GROUP BY subquery) stay unlocked,
             # and PostgreSQL refuses FOR UPDATE over grouped relations. Rendered as nothing where
             # the database has no FOR UPDATE (SQLite, which is serialized by its write lock).
-            sel = sel.with_for_update(of=self.target)
+            # key_share: FOR NO KEY UPDATE, the lock PostgreSQL's own UPDATE takes when it changes
+            # no key column (so inserts of rows referencing these stay unblocked, as without us).
+            sel = sel.with_for_update(of=self.target, key_share=key_share)
         return sel
 
-    def by_pk(self, pks: Sequence[tuple[Any, ...]], *, lock: bool = False) -> Any:
+    def by_pk(
+        self, pks: Sequence[tuple[Any, ...]], *, lock: bool = False, key_share: bool = False
+    ) -> Any:
         pk_cols = self.columns[: self.npk]
         if self.npk == 1:
-            return self.where(pk_cols[0].in_([pk[0] for pk in pks]), lock=lock)
-        return self.where(tuple_(*pk_cols).in_(list(pks)), lock=lock)
+            criteria = pk_cols[0].in_([pk[0] for pk in pks])
+        else:
+            criteria = tuple_(*pk_cols).in_(list(pks))
+        return self.where(criteria, lock=lock, key_share=key_share)
 
     def pk_bind_names(self, criteria: Any) -> list[str] | None:
         """For a WHERE that is exactly ``pk_col == :bind`` for every primary-key column (an
@@ -1017,10 +1024,12 @@ class _KeySelect:
         options: Mapping[str, Any],
         *,
         lock: bool = False,
+        key_share: bool = False,
     ) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []
         for chunk in _in_chunks(conn, pks, self.npk):
-            rows.extend(self.read(conn, self.by_pk(chunk, lock=lock), {}, options))
+            sel = self.by_pk(chunk, lock=lock, key_share=key_share)
+            rows.extend(self.read(conn, sel, {}, options))
         return rows
 
     def keys(self, specs: tuple[_ModelSpec, ...], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -1077,18 +1086,31 @@ class _UpdateDeleteWatch(_Watch):
     def __init__(self, dml: Any, *args: Any) -> None:
         super().__init__(*args)
         self.dml = dml
+        self.pks: list[tuple[Any, ...]] = []
+        self.locked: int | None = None
+        if _has_dml_cte(dml):
+            # Its WHERE would run the CTE's INSERT/UPDATE/DELETE a second time.
+            log.warning(
+                "bulk %s of tracked %s reads a data-modifying CTE: its keys are not read (that "
+                "would run the CTE twice); declare them with invalidate_on_commit()",
+                "UPDATE" if dml.is_update else "DELETE", self.mapper.class_.__name__,
+            )
+            self.dml = None
+            return
         _hold_sqlite_write_lock(self.conn)
         npk = self.keysel.npk
+        key_share = dml.is_update and not _may_change_key_columns(dml, self.params, self)
         old: list[tuple[Any, ...]] = []
         names = self.keysel.pk_bind_names(dml.whereclause) if len(self.params) > 1 else None
         if names is not None:
             # ORM bulk UPDATE by primary key: one locked SELECT per chunk of rows, not per row.
             # No row can start matching a primary key, so there is no row count to check.
             wanted = list(dict.fromkeys(tuple(p[n] for n in names) for p in self.params))
-            old = self.keysel.read_by_pk(self.conn, wanted, self.options, lock=True)
-            self.locked: int | None = None
+            old = self.keysel.read_by_pk(
+                self.conn, wanted, self.options, lock=True, key_share=key_share
+            )
         else:
-            sel = self.keysel.where(dml.whereclause, lock=True)
+            sel = self.keysel.where(dml.whereclause, lock=True, key_share=key_share)
             self.locked = 0
             for params in self.params:
                 rows = self.keysel.read(self.conn, sel, params, self.options)
@@ -1100,6 +1122,8 @@ class _UpdateDeleteWatch(_Watch):
         self.add(self.keysel.keys(self.specs, old))
 
     def after(self, result: Any) -> None:
+        if self.dml is None:
+            return
         pks = self.pks
         late = self._late_rows(result)
         if late:
@@ -1148,9 +1172,19 @@ class _UpdateDeleteWatch(_Watch):
         )
         sel = self.keysel.where(self.dml.whereclause, lock=False)
         rows: list[tuple[Any, ...]] = []
-        with engine.connect() as other:
-            for params in self.params:
-                rows.extend(self.keysel.read(other, sel, params, self.options))
+        try:
+            with engine.connect() as other:
+                for params in self.params:
+                    rows.extend(self.keysel.read(other, sel, params, self.options))
+        except Exception:
+            # The statement has run; failing it now (a full pool, a lost server) would read as
+            # if it had not. Logged loudly: these rows' old keys are not invalidated.
+            log.exception(
+                "bulk %s of tracked %s: reading the rows that matched late failed; their old "
+                "keys are not invalidated",
+                "UPDATE" if self.dml.is_update else "DELETE", self.mapper.class_.__name__,
+            )
+            return []
         known = set(self.pks)
         return [r for r in rows if r[: self.keysel.npk] not in known]
 
@@ -1163,9 +1197,11 @@ def _assigned_names(dml: Any, param_sets: list[Any]) -> set[str] | None:
     """Names of what an UPDATE assigns (column keys, names or attribute names); None if unknown."""
     names: set[str] = set()
     try:
-        values = list(dml._values or ()) + [k for k, _ in dml._ordered_values or ()]
+        values = list(dml._values or ())
     except AttributeError:
         return None
+    # SQLAlchemy 2.0 keeps ordered_values() apart; 2.1 keeps them in _values.
+    values += [k for k, _ in getattr(dml, "_ordered_values", None) or ()]
     for key in values:
         if isinstance(key, str):
             names.add(key)
@@ -1177,6 +1213,37 @@ def _assigned_names(dml: Any, param_sets: list[Any]) -> set[str] | None:
     for params in param_sets:
         names.update(k for k in params if isinstance(k, str))
     return names
+
+
+def _has_dml_cte(dml: Any) -> bool:
+    """Whether ``dml`` reads a CTE that is itself an INSERT/UPDATE/DELETE."""
+    return any(
+        isinstance(el, CTE) and isinstance(getattr(el, "element", None), UpdateBase)
+        for el in visitors.iterate(dml)
+    )
+
+
+def _may_change_key_columns(dml: Any, param_sets: list[Any], watch: _Watch) -> bool:
+    """Whether an UPDATE may assign a primary-key or unique column (PostgreSQL then locks the
+    row FOR UPDATE, else FOR NO KEY UPDATE)."""
+    assigned = _assigned_names(dml, param_sets)
+    if assigned is None:
+        return True
+    table: Any = watch.mapper.local_table
+    unique: set[Any] = {c for c in table.columns if c.primary_key or c.unique}
+    for constraint in getattr(table, "constraints", ()):
+        if isinstance(constraint, UniqueConstraint):
+            unique.update(constraint.columns)
+    for index in getattr(table, "indexes", ()):
+        if index.unique:
+            unique.update(c for c in index.columns if isinstance(c, Column))
+    for col in unique:
+        names = {col.key, col.name}
+        with contextlib.suppress(UnmappedColumnError):
+            names.add(_attr_key(watch.mapper, col))
+        if names & assigned:
+            return True
+    return False
 
 
 def _may_change_keys(dml: Any, param_sets: list[Any], watch: _Watch) -> bool:
@@ -1201,18 +1268,21 @@ class _InsertWatch(_Watch):
     again by the values they were given (``IS NOT DISTINCT FROM`` each plain value), among the
     rows above the largest integer primary key read just before the INSERT when that finds them
     all (an autoincrement in step with the table), else in the whole table. Extra rows that match
-    cost an extra invalidation each.
+    cost an extra invalidation each. ``insert().from_select()`` binds no row values: its new rows
+    are the rows above that largest primary key.
     """
 
-    __slots__ = ("floor", "table")
+    __slots__ = ("floor", "from_select", "multi", "table")
 
     def __init__(self, dml: Any, *args: Any) -> None:
         super().__init__(*args)
         self.table = dml.table
         self.floor: Any = _MISSING
+        self.from_select = getattr(dml, "select", None) is not None
+        self.multi = _multi_values(dml, self.table)
         pk_cols = list(self.mapper.primary_key)
         if (
-            len(self.params) > 1
+            (len(self.params) > 1 or self.from_select)
             and len(pk_cols) == 1
             and not dml._returning
             and not getattr(dml, "_return_defaults", False)
@@ -1227,8 +1297,13 @@ class _InsertWatch(_Watch):
     def after(self, result: Any) -> None:
         fields = _fields(self.specs)
         mapper = self.mapper
+        if self.from_select:
+            self.add(self.keysel.keys(self.specs, self._rows_above_floor()))
+            return
         try:
-            bound: list[Mapping[str, Any]] = list(result.context.compiled_parameters)
+            bound: Sequence[Mapping[str, Any]] = self.multi or list(
+                result.context.compiled_parameters
+            )
         except Exception:
             bound = []
         try:
@@ -1258,6 +1333,18 @@ class _InsertWatch(_Watch):
         if unknown:
             rows.extend(self._rows_like(unknown))
         self.add(keys + self.keysel.keys(self.specs, rows))
+
+    def _rows_above_floor(self) -> list[tuple[Any, ...]]:
+        if self.floor is _MISSING:
+            log.warning(
+                "INSERT ... FROM SELECT into tracked %s: the new rows cannot be told from the "
+                "others (no integer primary key), so their keys are not invalidated; declare them "
+                "with invalidate_on_commit()",
+                self.mapper.class_.__name__,
+            )
+            return []
+        above = self.keysel.columns[0] > self.floor if self.floor is not None else None
+        return self.keysel.read(self.conn, self.keysel.where(above, lock=False), {}, self.options)
 
     def _rows_like(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         """Rows holding the values that ``rows`` were inserted with."""
@@ -1300,6 +1387,22 @@ class _InsertWatch(_Watch):
 
 # Values an INSERT's row can be found again by (equality is exact for them in every database).
 _COMPARABLE = (str, int, bool, bytes, uuid.UUID, datetime.date, datetime.time, decimal.Decimal)
+
+
+def _multi_values(dml: Any, table: Any) -> list[dict[str, Any]]:
+    """The rows of ``insert().values([...])`` by column key (its binds are named ``x_m0``, ``x_m1``
+    ...), plain values only; empty for any other INSERT."""
+    multi = getattr(dml, "_multi_values", None) or ()
+    rows: list[dict[str, Any]] = []
+    for row in multi[0] if multi else ():
+        if isinstance(row, Mapping):
+            items = [
+                (k if isinstance(k, str) else getattr(k, "key", None), v) for k, v in row.items()
+            ]
+        else:
+            items = [(c.key, v) for c, v in zip(table.c, row, strict=False)]
+        rows.append({k: v for k, v in items if k is not None and not isinstance(v, ClauseElement)})
+    return rows
 
 
 def _column_attrs(mapper: Mapper[Any], table: Any) -> dict[str, str]:

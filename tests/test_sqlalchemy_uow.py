@@ -567,3 +567,89 @@ def test_track_puts_back_flush_listeners_that_were_cleared(
     with Sessions.begin() as s:
         s.add(Item(id=1, value="v"))
     assert publishes.calls == [["item:1"]]
+
+
+# -- statements whose keys must be read with care (found by review) --------------------------
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_data_modifying_cte_in_the_where_runs_once(
+    Sessions: sessionmaker[Any], publishes: Publishes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key SELECT reuses the statement's WHERE: with a CTE that INSERTs, that would insert
+    twice. Such a statement is left unread, and says so."""
+    seed_users(Sessions, publishes, 1)
+    with Sessions.begin() as s:
+        cte = insert(Team).values(id=1, name="t").returning(Team.id).cte("added")
+        s.execute(update(User).where(User.id.in_(select(cte.c.id))).values(name="via cte"))
+    with Sessions() as s:
+        assert s.scalars(select(Team.id)).all() == [1]
+        assert s.get(User, 1).name == "via cte"
+    assert "data-modifying CTE" in caplog.text
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_the_key_select_locks_no_more_than_the_update_would(
+    engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    """An UPDATE of no key column takes FOR NO KEY UPDATE in PostgreSQL, which lets another
+    transaction insert a row referencing it (its FOR KEY SHARE check passes); the key SELECT
+    must not take the stronger FOR UPDATE."""
+    seed_users(Sessions, publishes, 1)
+    with Sessions.begin() as s:
+        s.execute(update(User).where(User.id == 1).values(name="busy"))
+        with engine.connect() as other:
+            other.exec_driver_sql("SET lock_timeout = '2s'")
+            other.execute(insert(Address).values(id=1, user_id=1))  # raises if blocked
+            other.rollback()
+    assert publishes.keys == user_keys((1, "u1@x"))
+
+
+def test_multi_values_and_from_select_inserts_publish_their_rows_keys(
+    Sessions: sessionmaker[Any], publishes: Publishes
+) -> None:
+    with Sessions.begin() as s:
+        s.execute(insert(User).values([{"id": 1, "email": "a@x"}, {"id": 2, "email": "b@x"}]))
+    assert set(publishes.calls[0]) == user_keys((1, "a@x"), (2, "b@x"))
+    publishes.clear()
+    with Sessions.begin() as s:
+        source = select(User.id + 10, User.email + "!", User.name)
+        s.execute(insert(User).from_select(["id", "email", "name"], source))
+    assert set(publishes.calls[0]) == user_keys((11, "a@x!"), (12, "b@x!"))
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_full_pool_never_fails_a_statement_that_has_run(
+    db: Any, cache: HybridCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows that matched late are read on a second connection; with the pool exhausted that read
+    fails, and the statement (already executed) must still return as without hybridinval."""
+    small = db.engine(pool_size=1, max_overflow=0, pool_timeout=0.3)
+    interloper = db.engine()
+    Sessions = sessionmaker(small, class_=TrackedSession)
+    installation = install(Sessions, cache)
+
+    def interlope() -> None:
+        with interloper.begin() as conn:
+            conn.execute(update(User).where(User.id == 2).values(name="target"))
+
+    try:
+        with Sessions.begin() as s:
+            s.add_all([User(id=1, email="a@x", name="target"), User(id=2, email="b@x")])
+        listener = _after_key_select(small, interlope)
+        try:
+            with Sessions.begin() as s:
+                result = s.execute(
+                    update(User).where(User.name == "target").values(name="done"),
+                    execution_options={"synchronize_session": False},
+                )
+                assert result.rowcount == 2
+        finally:
+            event.remove(Connection, "after_cursor_execute", listener)
+        assert "matched late failed" in caplog.text
+        with Sessions() as s:
+            assert s.scalars(select(User.name).order_by(User.id)).all() == ["done", "done"]
+    finally:
+        installation.uninstall()
+        small.dispose()
+        interloper.dispose()
