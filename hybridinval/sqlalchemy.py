@@ -72,8 +72,10 @@ Reading through a session (:class:`SessionCache`)
 Not seen (declare their keys with ``invalidate_on_commit``)
     Raw SQL (``text()``), Core statements on tables rather than mapped classes, the legacy
     ``Session.bulk_save_objects``/``bulk_*_mappings`` methods (SQLAlchemy fires no event for
-    them), the old key values of rows an ``INSERT ... ON CONFLICT DO UPDATE`` changes, and the
-    new key values of a bulk UPDATE that changes primary keys (logged). The isolation level is
+    them), the old key values of rows an ``INSERT ... ON CONFLICT DO UPDATE`` changes, the
+    new key values of a bulk UPDATE that changes primary keys, a bulk UPDATE/DELETE whose WHERE
+    reads a data-modifying CTE, and ``insert().from_select()`` into a table without an integer
+    primary key (each logged when it happens). The isolation level is
     read once per DBAPI connection; a level changed by raw ``SET`` statements is not noticed.
 
 This module must never publish a key before the COMMIT that made it stale has reached the
