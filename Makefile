@@ -37,7 +37,7 @@ demo: venv
 
 # Everything CI runs (.ci/run, with make -k): make test, SQLAlchemy's own ORM and extension tests
 # with hybridinval installed on SQLAlchemy 2.1 and 2.0 (SQLite and PostgreSQL), Flask-SQLAlchemy's
-# suite, and our SQLAlchemy tests on SQLAlchemy 2.0. About 35 minutes on two cores.
+# suite, and our SQLAlchemy tests on SQLAlchemy 2.0. About 30 minutes on two cores.
 check: test test-sqlalchemy test-sqlalchemy-sa20 test-flask-sqlalchemy test-sa20
 
 # -- Upstream suites (upstream/): SQLAlchemy's and Flask-SQLAlchemy's own tests, run plain and
