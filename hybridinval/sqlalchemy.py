@@ -1104,6 +1104,8 @@ class _UpdateDeleteWatch(_Watch):
         key_share = dml.is_update and not _may_change_key_columns(dml, self.params, self)
         old: list[tuple[Any, ...]] = []
         names = self.keysel.pk_bind_names(dml.whereclause) if len(self.params) > 1 else None
+        if names is not None and not all(n in p for p in self.params for n in names):
+            names = None  # a parameter set lacks a key: SQLAlchemy's own error comes from the read
         if names is not None:
             # ORM bulk UPDATE by primary key: one locked SELECT per chunk of rows, not per row.
             # No row can start matching a primary key, so there is no row count to check.

@@ -653,3 +653,4 @@ def test_a_full_pool_never_fails_a_statement_that_has_run(
         installation.uninstall()
         small.dispose()
         interloper.dispose()
+
