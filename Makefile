@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml setup.py hybridinval/_speedups.c
 
 lint: venv
 	$(BIN)/ruff check hybridinval tests benchmarks workers alembic upstream
+	$(BIN)/ruff format --check hybridinval tests benchmarks workers alembic upstream
 
 typecheck: venv
 	$(BIN)/mypy

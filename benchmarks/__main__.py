@@ -68,36 +68,60 @@ def _postgres(explicit: str | None) -> tuple[str | None, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run (~1.5 min): short phases, one run per contender")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (~1.5 min): short phases, one run per contender",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
-                        help="only re-render results.md and the plots from a results.json")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="only re-render results.md and the plots from a results.json",
+    )
     parser.add_argument("--redis-url")
     parser.add_argument("--postgres-url")
     parser.add_argument("--skip", default="", help="comma list of parts: core,micro,workload")
-    parser.add_argument("--contenders", default=",".join(cmod.CONTENDERS),
-                        help="comma list, default all: " + ",".join(cmod.CONTENDERS))
+    parser.add_argument(
+        "--contenders",
+        default=",".join(cmod.CONTENDERS),
+        help="comma list, default all: " + ",".join(cmod.CONTENDERS),
+    )
     parser.add_argument("--duration", type=float, help="seconds per workload run (default 6)")
     parser.add_argument("--warmup", type=float, help="seconds of cache filling before each run")
     parser.add_argument("--repeats", type=int, help="workload runs per contender (default 3)")
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--write-rate", type=float, default=100.0, help="commits per second")
-    parser.add_argument("--fault-hold", type=float,
-                        help="seconds each fault keeps killing pub/sub connections (0: once)")
-    parser.add_argument("--pause-ms", type=float, default=0.0,
-                        help="ms each reader sleeps after each unit of work (default 0: "
-                        "CPU-bound readers)")
+    parser.add_argument(
+        "--fault-hold",
+        type=float,
+        help="seconds each fault keeps killing pub/sub connections (0: once)",
+    )
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="ms each reader sleeps after each unit of work (default 0: CPU-bound readers)",
+    )
     parser.add_argument("--grace-ms", type=float, default=10.0)
     parser.add_argument("--l1-ttl", type=float, default=60.0)
-    parser.add_argument("--switch-interval", type=float,
-                        help="sys.setswitchinterval() in workload processes (diagnostic)")
-    parser.add_argument("--l1-lease-ms", type=float,
-                        help="hybridinval's l1_lease in the workload, 0 = off (diagnostic; "
-                        "default: the library's)")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval() in workload processes (diagnostic)",
+    )
+    parser.add_argument(
+        "--l1-lease-ms",
+        type=float,
+        help="hybridinval's l1_lease in the workload, 0 = off (diagnostic; default: the library's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -187,8 +211,9 @@ def _run_parts(
 
     if "core" not in skip:
         progress("core: hybridinval hot paths vs raw baselines")
-        results["core"] = core.run_all(url, progress=lambda s: progress(f"  core: {s}"),
-                                       quick=quick)
+        results["core"] = core.run_all(
+            url, progress=lambda s: progress(f"  core: {s}"), quick=quick
+        )
     if "micro" not in skip:
         scale = 0.3 if quick else 1.0
         progress("micro: L1 hit of every contender")
@@ -197,7 +222,8 @@ def _run_parts(
         results["micro"]["l2_hit"] = micro.bench_l2_hits(url, rounds=max(5, int(31 * scale)))
         progress("micro: propagation (one receiver process per contender)")
         results["micro"]["propagation"] = micro.bench_propagation_all(
-            url, messages=int(300 * scale), cashews_query=cashews_query)
+            url, messages=int(300 * scale), cashews_query=cashews_query
+        )
         progress("micro: bytes per L1 entry")
         results["micro"]["memory"] = micro.bench_memory()
         micro.cleanup()
@@ -208,27 +234,33 @@ def _run_parts(
             progress(f"workload skipped: {pg_info}")
         else:
             results["postgres_version"] = pg_info
-            results["workload"] = run_workload(args, url, pg_url, names, cashews_query,
-                                               progress)
+            results["workload"] = run_workload(args, url, pg_url, names, cashews_query, progress)
 
 
-def _cashews_probe(url: str, results: dict[str, Any], progress: Callable[[str], None]
-                   ) -> dict[str, str]:
+def _cashews_probe(
+    url: str, results: dict[str, Any], progress: Callable[[str], None]
+) -> dict[str, str]:
     """Does cashews' client-side invalidation work with this redis-py? If not, try RESP2."""
     import asyncio
 
     db = cmod.REDIS_DBS["cashews"]
     prefix = f"hibench-{uuid.uuid4().hex[:8]}-cashewsprobe"
-    default_ok = asyncio.run(cmod.cashews_invalidation_reaches_peers(
-        cmod.redis_url_for(url, db, prefix), prefix))
+    default_ok = asyncio.run(
+        cmod.cashews_invalidation_reaches_peers(cmod.redis_url_for(url, db, prefix), prefix)
+    )
     if default_ok:
         return {}
-    resp2_ok = asyncio.run(cmod.cashews_invalidation_reaches_peers(
-        cmod.redis_url_for(url, db, prefix, protocol="2"), prefix))
-    note = (f"cashews {results['versions'].get('cashews')} with redis-py "
-            f"{results['versions'].get('redis')}: with redis-py's default protocol (RESP3) a "
-            f"delete in one process never evicts another process's client-side copy (probe: "
-            f"still cached 0.5 s later); ")
+    resp2_ok = asyncio.run(
+        cmod.cashews_invalidation_reaches_peers(
+            cmod.redis_url_for(url, db, prefix, protocol="2"), prefix
+        )
+    )
+    note = (
+        f"cashews {results['versions'].get('cashews')} with redis-py "
+        f"{results['versions'].get('redis')}: with redis-py's default protocol (RESP3) a "
+        f"delete in one process never evicts another process's client-side copy (probe: "
+        f"still cached 0.5 s later); "
+    )
     if resp2_ok:
         note += "the workload runs it with `?protocol=2` in the URL, where invalidation works."
         query = {"protocol": "2"}
@@ -255,22 +287,31 @@ def run_workload(
     repeats = args.repeats or (1 if args.quick else 3)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     run_id = uuid.uuid4().hex[:8]
-    progress(f"workload: {len(names)} contenders x {repeats} run(s) of {cfg.duration:g}s "
-             f"(+{cfg.warmup:g}s warm-up)")
+    progress(
+        f"workload: {len(names)} contenders x {repeats} run(s) of {cfg.duration:g}s "
+        f"(+{cfg.warmup:g}s warm-up)"
+    )
     with WorkerPool(cfg.readers + 1) as pool:
         for rep in range(repeats):
             for name in names:
                 result = run_contender(
-                    name, cfg, redis_url, pg_url, run_id=f"{run_id}{rep}",
-                    cashews_protocol=cashews_query.get("protocol"), pool=pool,
+                    name,
+                    cfg,
+                    redis_url,
+                    pg_url,
+                    run_id=f"{run_id}{rep}",
+                    cashews_protocol=cashews_query.get("protocol"),
+                    pool=pool,
                     progress=lambda s: progress(f"  workload: {s}"),
                 )
                 runs[name].append(result)
                 if "error" not in result:
-                    progress(f"  workload: {name} run {rep + 1}/{repeats}: "
-                             f"{result['reads_per_s']:,} reads/s, {result['stale']:,} stale "
-                             f"(steady {result['phases']['steady']['stale']:,}, faults "
-                             f"{result['phases']['faults']['stale']:,})")
+                    progress(
+                        f"  workload: {name} run {rep + 1}/{repeats}: "
+                        f"{result['reads_per_s']:,} reads/s, {result['stale']:,} stale "
+                        f"(steady {result['phases']['steady']['stale']:,}, faults "
+                        f"{result['phases']['faults']['stale']:,})"
+                    )
     return {
         "config": asdict(cfg),
         "repeats": repeats,
@@ -316,8 +357,9 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_samples_ns": samples[:: max(1, len(samples) // 5000)],
         "faults": [f for r in ok for f in r["faults"]],
         "notes": ok[-1]["notes"],
-        "runs": [{k: v for k, v in r.items() if k not in ("latency_samples_ns", "config")}
-                 for r in runs],
+        "runs": [
+            {k: v for k, v in r.items() if k not in ("latency_samples_ns", "config")} for r in runs
+        ],
     }
     if len(ok) < len(runs):
         combined["failed_runs"] = [r["error"] for r in runs if "error" in r]
@@ -335,12 +377,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if c:
         l1, l2, prop = c["l1_hit"], c["l2_hit"], c["propagation"]
         add("L1 hit < 6x dict.get", f"{l1['ratio_to_dict_get']}x", l1["ratio_to_dict_get"] < 6)
-        add("L1 hit <= cachetools.LRUCache.get", f"{l1['ratio_to_lru_get']}x",
-            l1["ratio_to_lru_get"] <= 1)
+        add(
+            "L1 hit <= cachetools.LRUCache.get",
+            f"{l1['ratio_to_lru_get']}x",
+            l1["ratio_to_lru_get"] <= 1,
+        )
         add("L2 hit <= 1.2x raw GET", f"{l2['ratio_to_raw_get']}x", l2["ratio_to_raw_get"] <= 1.2)
         ours = prop["latency"]["hybridinval invalidate -> eviction"]
-        add("propagation p50 <= 1.5x raw PUBLISH", f"{prop['p50_ratio_to_raw']}x",
-            prop["p50_ratio_to_raw"] <= 1.5)
+        add(
+            "propagation p50 <= 1.5x raw PUBLISH",
+            f"{prop['p50_ratio_to_raw']}x",
+            prop["p50_ratio_to_raw"] <= 1.5,
+        )
         add("propagation p99 < 2 ms", f"{ours['p99_us']} µs", ours["p99_us"] < 2000)
     work = results.get("workload", {}).get("contenders", {})
     base = work.get("redis_only", {}).get("reads_per_s")
@@ -351,23 +399,32 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         label = cmod.CONTENDERS[name].label
         phases = w["phases"]
-        add(f"{label}: zero stale reads in every phase",
+        add(
+            f"{label}: zero stale reads in every phase",
             ", ".join(f"{p}: {v['stale']}" for p, v in phases.items()),
-            all(v["stale"] == 0 for v in phases.values()))
+            all(v["stale"] == 0 for v in phases.values()),
+        )
         if base:
-            add(f"{label}: reads/s >= 20x redis only",
+            add(
+                f"{label}: reads/s >= 20x redis only",
                 f"{w['reads_per_s']:,} = {w['reads_per_s'] / base:.1f}x",
-                w["reads_per_s"] >= 20 * base)
+                w["reads_per_s"] >= 20 * base,
+            )
         if hand:
-            add(f"{label}: reads/s >= hand-rolled",
+            add(
+                f"{label}: reads/s >= hand-rolled",
                 f"{w['reads_per_s']:,} = {w['reads_per_s'] / hand:.2f}x",
-                w["reads_per_s"] >= hand)
+                w["reads_per_s"] >= hand,
+            )
     return out
 
 
 def _write(
-    out: Path, results: dict[str, Any], progress: Callable[[str], None], *,
-    rewrite_json: bool = True
+    out: Path,
+    results: dict[str, Any],
+    progress: Callable[[str], None],
+    *,
+    rewrite_json: bool = True,
 ) -> None:
     from .report import markdown, plots
 
@@ -380,8 +437,9 @@ def _write(
     if results.get("workload") or results.get("micro"):
         written = plots(results, out)
     print(table, flush=True)
-    progress(f"wrote {out / 'results.md'}, {out / 'results.json'}"
-             + "".join(f", {p}" for p in written))
+    progress(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in written)
+    )
 
 
 if __name__ == "__main__":

@@ -125,15 +125,22 @@ def main() -> None:
         return sorted(xs)[int(len(xs) * 0.9)]
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"database: {engine.dialect.name}  rounds per side: {args.rounds}  "
-          f"published commits: {published}")
+    print(
+        f"database: {engine.dialect.name}  rounds per side: {args.rounds}  "
+        f"published commits: {published}"
+    )
     for name in ("plain", "installed"):
-        print(f"  {name:>9}: median {med[name] * 1e6:8.1f} us   "
-              f"p90 {p90(times[name]) * 1e6:8.1f} us")
-    print(f"  overhead: +{(med['installed'] - med['plain']) * 1e6:.1f} us per commit, "
-          f"ratio {med['installed'] / med['plain']:.2f}x")
-    print(f"  of which the publish (one Redis round trip, inside commit()): median "
-          f"{statistics.median(publish_times) * 1e6:.1f} us")
+        print(
+            f"  {name:>9}: median {med[name] * 1e6:8.1f} us   p90 {p90(times[name]) * 1e6:8.1f} us"
+        )
+    print(
+        f"  overhead: +{(med['installed'] - med['plain']) * 1e6:.1f} us per commit, "
+        f"ratio {med['installed'] / med['plain']:.2f}x"
+    )
+    print(
+        f"  of which the publish (one Redis round trip, inside commit()): median "
+        f"{statistics.median(publish_times) * 1e6:.1f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -366,8 +366,11 @@ def _dogpile_redis_region(env: Env) -> Any:
     return make_region(key_mangler=lambda key: prefix + key).configure(
         "dogpile.cache.redis",
         expiration_time=L2_TTL,
-        arguments={"url": env.redis_url, "redis_expiration_time": L2_TTL + 60,
-                   "distributed_lock": False},
+        arguments={
+            "url": env.redis_url,
+            "redis_expiration_time": L2_TTL + 60,
+            "distributed_lock": False,
+        },
     )
 
 
@@ -540,8 +543,16 @@ def redis_py_csc_unsupported(redis_url: str) -> str | None:
 
 CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
-    for c in (Hybridinval, HybridinvalCore, HandRolled, RedisOnly, DatabaseOnly, DogpileRedis,
-              DogpileMemoryRedis, Cashews)
+    for c in (
+        Hybridinval,
+        HybridinvalCore,
+        HandRolled,
+        RedisOnly,
+        DatabaseOnly,
+        DogpileRedis,
+        DogpileMemoryRedis,
+        Cashews,
+    )
 }
 """Runnable contenders, in table order. redis-py CSC is probed, not run (see above)."""
 
@@ -557,8 +568,17 @@ def pinned_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str] = {}
-    for dist in ("hybridinval", "redis", "cachetools", "dogpile.cache", "cashews", "SQLAlchemy",
-                 "psycopg", "numpy", "matplotlib"):
+    for dist in (
+        "hybridinval",
+        "redis",
+        "cachetools",
+        "dogpile.cache",
+        "cashews",
+        "SQLAlchemy",
+        "psycopg",
+        "numpy",
+        "matplotlib",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

@@ -47,8 +47,9 @@ VALUE = {"id": 1, "version": 1, "payload": "x" * 100}
 _USED: list[tuple[str, str]] = []
 
 
-def _env(redis_url: str, name: str, role: str = "micro", prefix: str | None = None,
-         **query: str) -> cmod.Env:
+def _env(
+    redis_url: str, name: str, role: str = "micro", prefix: str | None = None, **query: str
+) -> cmod.Env:
     prefix = prefix or f"hibench-{uuid.uuid4().hex[:8]}-{name.replace('_', '')}"
     url = cmod.redis_url_for(redis_url, cmod.REDIS_DBS[name], f"{prefix}-{role}", **query)
     _USED.append((url, prefix))
@@ -86,8 +87,12 @@ def bench_l1_hits(redis_url: str, rounds: int = 25, number: int = 20_000) -> dic
         lru: cachetools.LRUCache[str, object] = cachetools.LRUCache(maxsize=10_000)
         lru[key] = VALUE
         dget, lget = plain.get, lru.get
-        hget, hgos, hand_gos, dog_gos = (hyb.cache.get, hyb.cache.get_or_set, hand.get_or_set,
-                                         dog.get_or_set)
+        hget, hgos, hand_gos, dog_gos = (
+            hyb.cache.get,
+            hyb.cache.get_or_set,
+            hand.get_or_set,
+            dog.get_or_set,
+        )
         dog_get = dog.l1.get
 
         def never() -> dict[str, Any]:
@@ -299,8 +304,9 @@ def _receiver(name: str, env: cmod.Env, conn: Connection) -> None:
         pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(**{env.prefix + ":raw": lambda m: stamp(m["data"].decode())})
         # stop() closes the connection under the reading thread: that error is expected.
-        thread = pubsub.run_in_thread(sleep_time=1.0, daemon=True,
-                                      exception_handler=lambda exc, ps, th: th.stop())
+        thread = pubsub.run_in_thread(
+            sleep_time=1.0, daemon=True, exception_handler=lambda exc, ps, th: th.stop()
+        )
         assert pubsub.subscribed_event.wait(10)
         conn.send("ready")
         conn.recv()
@@ -324,8 +330,9 @@ def _receiver(name: str, env: cmod.Env, conn: Connection) -> None:
 
         contender = cmod.Hybridinval(env, use_sqlalchemy=False)
         base = contender.cache
-        contender.cache = Timed(l2=base.l2, transport=base.transport, l1=base.l1,
-                                namespace=env.prefix)
+        contender.cache = Timed(
+            l2=base.l2, transport=base.transport, l1=base.l1, namespace=env.prefix
+        )
     assert contender.ready(10)
     conn.send("ready")
     conn.recv()
@@ -355,8 +362,9 @@ async def _cashews_receiver(
     await c.aclose()
 
 
-def _propagation_one(name: str, redis_url: str, messages: int, cashews_query: dict[str, str]
-                     ) -> list[int]:
+def _propagation_one(
+    name: str, redis_url: str, messages: int, cashews_query: dict[str, str]
+) -> list[int]:
     ctx = multiprocessing.get_context("spawn")
     db_name = {"raw": "redis_only", "hybridinval": "hybridinval"}.get(name, name)
     prefix = f"hibench-{uuid.uuid4().hex[:8]}-prop{name.replace('_', '')}"

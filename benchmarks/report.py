@@ -32,8 +32,12 @@ _L2_ROW = {
     "dogpile_memory_redis": "dogpile redis region.get",
     "cashews": "cashews get (redis backend)",
 }
-_PROP_ROW = {"hybridinval": "hybridinval", "hybridinval_core": "hybridinval",
-             "hand_rolled": "hand_rolled", "cashews": "cashews"}
+_PROP_ROW = {
+    "hybridinval": "hybridinval",
+    "hybridinval_core": "hybridinval",
+    "hand_rolled": "hand_rolled",
+    "cashews": "cashews",
+}
 _MEM_ROW = {
     "hybridinval": "hybridinval MemoryL1",
     "hybridinval_core": "hybridinval MemoryL1",
@@ -82,20 +86,26 @@ def _contender_rows(results: dict[str, Any]) -> list[str]:
             prop_cell = f"never (until the L1 TTL, {l1_ttl} s)"
         elif _PROP_ROW.get(name) in prop.get("latency", {}):
             p = prop["latency"][_PROP_ROW[name]]
-            prop_cell = (f"{_fmt(p['p50_us'], '', p['p50_ratio_to_raw'])} / "
-                         f"{_fmt(p['p99_us'], '', p['p99_ratio_to_raw'])}")
+            prop_cell = (
+                f"{_fmt(p['p50_us'], '', p['p50_ratio_to_raw'])} / "
+                f"{_fmt(p['p99_us'], '', p['p99_ratio_to_raw'])}"
+            )
         else:
             prop_cell = "n/a (no L1)"
         if "error" in w:
-            rows.append(f"| {cls.label} | {l1_cell} | {l2_cell} | {prop_cell} | "
-                        f"failed: {w['error'][:120]} | | | |")
+            rows.append(
+                f"| {cls.label} | {l1_cell} | {l2_cell} | {prop_cell} | "
+                f"failed: {w['error'][:120]} | | | |"
+            )
             continue
         rate = w.get("reads_per_s")
         ratio = round(rate / redis_only_rate, 1) if rate and redis_only_rate else None
         phases = w.get("phases", {})
-        stale = (f"{phases.get('steady', {}).get('stale', 'n/a'):,} / "
-                 f"{phases.get('faults', {}).get('stale', 'n/a'):,} "
-                 f"({w.get('stale_over_100ms', 0):,})")
+        stale = (
+            f"{phases.get('steady', {}).get('stale', 'n/a'):,} / "
+            f"{phases.get('faults', {}).get('stale', 'n/a'):,} "
+            f"({w.get('stale_over_100ms', 0):,})"
+        )
         mem_cell = "no L1"
         if cls.has_l1 and _MEM_ROW.get(name) in mem.get("bytes_per_entry", {}):
             key = _MEM_ROW[name]
@@ -112,14 +122,20 @@ def _contender_rows(results: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The whole ``results.md``: core hot paths, the side-by-side table, targets, notes."""
-    out: list[str] = [f"Run: `{results.get('command', 'python -m benchmarks')}` on "
-                      f"{results.get('cpus')} CPUs, Python {results.get('python')}, Redis "
-                      f"{results.get('redis_version')}, PostgreSQL "
-                      f"{results.get('postgres_version', '?')}; {results.get('seconds')} s.",
-                      ""]
+    out: list[str] = [
+        f"Run: `{results.get('command', 'python -m benchmarks')}` on "
+        f"{results.get('cpus')} CPUs, Python {results.get('python')}, Redis "
+        f"{results.get('redis_version')}, PostgreSQL "
+        f"{results.get('postgres_version', '?')}; {results.get('seconds')} s.",
+        "",
+    ]
     if "core" in results:
-        out += ["### Hot paths (hybridinval vs the baseline on the same row)", "",
-                core_markdown(results["core"]).rstrip(), ""]
+        out += [
+            "### Hot paths (hybridinval vs the baseline on the same row)",
+            "",
+            core_markdown(results["core"]).rstrip(),
+            "",
+        ]
     micro = results.get("micro", {})
     work = results.get("workload", {})
     if micro or work:
@@ -154,29 +170,38 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
     if work.get("contenders"):
-        out += ["Per contender (all runs): reads/s in each phase (median run), sampled read "
-                "latency, how late the stalest read was, writes committed, and what the "
-                "contender reported.", "",
-                "| contender | reads/s steady / faults | read latency p50 / p99 µs | oldest stale "
-                "read (ms after the newer commit) | writes | reported |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "Per contender (all runs): reads/s in each phase (median run), sampled read "
+            "latency, how late the stalest read was, writes committed, and what the "
+            "contender reported.",
+            "",
+            "| contender | reads/s steady / faults | read latency p50 / p99 µs | oldest stale "
+            "read (ms after the newer commit) | writes | reported |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, w in work["contenders"].items():
             if "error" in w:
                 continue
             lat = w.get("read_latency_us", {})
             notes = "; ".join(w.get("notes", [])) or ""
             ph = w.get("phases", {})
-            rates = (f"{ph.get('steady', {}).get('reads_per_s', 0):,.0f} / "
-                     f"{ph.get('faults', {}).get('reads_per_s', 0):,.0f}")
-            out.append(f"| {w.get('label', name)} | {rates} | {lat.get('p50')} / "
-                       f"{lat.get('p99')} | {w.get('stale_age_ms_max') or '-'} | "
-                       f"{w.get('writes'):,} | {notes} |")
+            rates = (
+                f"{ph.get('steady', {}).get('reads_per_s', 0):,.0f} / "
+                f"{ph.get('faults', {}).get('reads_per_s', 0):,.0f}"
+            )
+            out.append(
+                f"| {w.get('label', name)} | {rates} | {lat.get('p50')} / "
+                f"{lat.get('p99')} | {w.get('stale_age_ms_max') or '-'} | "
+                f"{w.get('writes'):,} | {notes} |"
+            )
         out.append("")
     targets = results.get("targets")
     if targets:
         out += ["### hybridinval targets", "", "| target | measured | met |", "|---|---|---|"]
-        out += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
-                for t in targets]
+        out += [
+            f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+            for t in targets
+        ]
         out.append("")
     notes = results.get("notes", [])
     if notes:
@@ -201,16 +226,24 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         if samples:
             xs = np.sort(np.asarray(samples, dtype=float) / 1000)
             left.plot(xs, np.linspace(0, 1, len(xs)), label=cmod.CONTENDERS[name].label)
-    left.set(xscale="log", xlabel="read latency in the workload (µs, log)",
-             ylabel="fraction of reads", title="Read latency under load (sampled)")
+    left.set(
+        xscale="log",
+        xlabel="read latency in the workload (µs, log)",
+        ylabel="fraction of reads",
+        title="Read latency under load (sampled)",
+    )
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7)
     for name, samples in prop.get("samples_us", {}).items():
         if samples:
             xs = np.sort(np.asarray(samples, dtype=float))
             right.plot(xs, np.linspace(0, 1, len(xs)), label=prop["latency"][name]["label"])
-    right.set(xscale="log", xlabel="commit-side call -> evicted in another process (µs, log)",
-              ylabel="fraction of messages", title="Propagation latency")
+    right.set(
+        xscale="log",
+        xlabel="commit-side call -> evicted in another process (µs, log)",
+        ylabel="fraction of messages",
+        title="Propagation latency",
+    )
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=7)
     fig.tight_layout()
@@ -226,13 +259,19 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         color = f"C{n}"
         x = w["reads_per_s"]
         ax.scatter(x, w["stale"] + 1, s=70, color=color, label=cmod.CONTENDERS[name].label)
-        ax.scatter(x, w["stale_over_100ms"] + 1, s=70, facecolors="none", edgecolors=color,
-                   marker="s")
-        ax.annotate(name, (x, w["stale"] + 1), fontsize=8, xytext=(6, 4),
-                    textcoords="offset points")
-    ax.set(xscale="log", yscale="log", xlabel="reads/s across the reader processes (log)",
-           ylabel="stale reads + 1 (log)",
-           title="Throughput vs stale reads (filled: stale > grace; open squares: > 100 ms)")
+        ax.scatter(
+            x, w["stale_over_100ms"] + 1, s=70, facecolors="none", edgecolors=color, marker="s"
+        )
+        ax.annotate(
+            name, (x, w["stale"] + 1), fontsize=8, xytext=(6, 4), textcoords="offset points"
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="reads/s across the reader processes (log)",
+        ylabel="stale reads + 1 (log)",
+        title="Throughput vs stale reads (filled: stale > grace; open squares: > 100 ms)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -139,8 +139,10 @@ def create_table(pg_url: str, table: str, rows: int, payload_bytes: int) -> None
         with engine.begin() as conn:
             conn.execute(
                 insert(model),
-                [{"id": i, "version": 1, "payload": "x" * payload_bytes}
-                 for i in range(1, rows + 1)],
+                [
+                    {"id": i, "version": 1, "payload": "x" * payload_bytes}
+                    for i in range(1, rows + 1)
+                ],
             )
     finally:
         engine.dispose()
@@ -213,8 +215,9 @@ class WorkerPool:
         workers = []
         for n in range(size):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(theirs,), name=f"hibench-worker-{n}",
-                               daemon=True)
+            proc = ctx.Process(
+                target=worker_main, args=(theirs,), name=f"hibench-worker-{n}", daemon=True
+            )
             proc.start()
             workers.append((proc, ours))
         return workers
@@ -291,8 +294,9 @@ async def _async_child(spec: _Spec, conn: Connection) -> None:
         conn.send(("ready",))
         _, start_ns, stop_ns = await loop.run_in_executor(None, conn.recv)
         if spec.role == "writer":
-            log = await _awrite_loop(spec, factory, model, start_ns, stop_ns,
-                                     contender.aafter_commit)
+            log = await _awrite_loop(
+                spec, factory, model, start_ns, stop_ns, contender.aafter_commit
+            )
             conn.send(("done", {"writes": log, "notes": contender.notes()}))
             return
         reads = await _aread_loop(spec, factory, query, start_ns, stop_ns, contender.areader)
@@ -372,8 +376,12 @@ def _read_loop(
     plan = zipf_rows(cfg.rows, cfg.zipf_s, 1 << 18, spec.seed)
     keys = [""] + [key_for(r) for r in range(1, cfg.rows + 1)]
     out = _Reads()
-    rows_a, versions_a, starts_a, lat_a = out.rows.append, out.versions.append, \
-        out.starts.append, out.latency.append
+    rows_a, versions_a, starts_a, lat_a = (
+        out.rows.append,
+        out.versions.append,
+        out.starts.append,
+        out.latency.append,
+    )
     now = time.monotonic_ns
     mask, every = len(plan) - 1, cfg.latency_sample_every
     pause = cfg.pause_per_session
@@ -416,8 +424,12 @@ async def _aread_loop(
     plan = zipf_rows(cfg.rows, cfg.zipf_s, 1 << 18, spec.seed)
     keys = [""] + [key_for(r) for r in range(1, cfg.rows + 1)]
     out = _Reads()
-    rows_a, versions_a, starts_a, lat_a = out.rows.append, out.versions.append, \
-        out.starts.append, out.latency.append
+    rows_a, versions_a, starts_a, lat_a = (
+        out.rows.append,
+        out.versions.append,
+        out.starts.append,
+        out.latency.append,
+    )
     now = time.monotonic_ns
     mask, every = len(plan) - 1, cfg.latency_sample_every
     pause = cfg.pause_per_session
@@ -519,8 +531,12 @@ def _plant_stale_read(
 ) -> None:
     """Record a read, begun three graces after a write finished, that returned the version
     before that write: stale by definition."""
-    for row, version, done in zip(reversed(writes["rows"]), reversed(writes["versions"]),
-                                  reversed(writes["done_ns"]), strict=True):
+    for row, version, done in zip(
+        reversed(writes["rows"]),
+        reversed(writes["versions"]),
+        reversed(writes["done_ns"]),
+        strict=True,
+    ):
         if done + 3 * grace_ns < stop_ns:
             reads.rows.append(row)
             reads.versions.append(version - 1)
@@ -542,10 +558,19 @@ def _check(spec: _Spec, reads: _Reads, check: Any, notes: list[str]) -> dict[str
     report = find_stale(rows, versions, starts, log, grace_ns=grace_ns)
     ages = report.age_ns[report.stale]
     examples = [
-        {"row": int(r), "version": int(v), "age_ms": round(int(a) / 1e6, 2),
-         "at_s": round((int(t) - phases[0][1]) / 1e9, 3)}
-        for r, v, a, t in zip(rows[report.stale][:5], versions[report.stale][:5], ages[:5],
-                              starts[report.stale][:5], strict=True)
+        {
+            "row": int(r),
+            "version": int(v),
+            "age_ms": round(int(a) / 1e6, 2),
+            "at_s": round((int(t) - phases[0][1]) / 1e9, 3),
+        }
+        for r, v, a, t in zip(
+            rows[report.stale][:5],
+            versions[report.stale][:5],
+            ages[:5],
+            starts[report.stale][:5],
+            strict=True,
+        )
     ]
     latency = np.frombuffer(reads.latency, dtype=np.int64)
     if len(latency) > 4000:
@@ -580,8 +605,11 @@ def kill_pubsub(client: redis.Redis, name_prefix: str) -> int:
     for info in client.client_list(_type="pubsub"):
         if str(info.get("name", "")).startswith(name_prefix):
             with contextlib.suppress(redis.ResponseError):  # already gone
-                killed += int(client.execute_command(  # type: ignore[no-untyped-call]
-                    "CLIENT", "KILL", "ID", info["id"]))
+                killed += int(
+                    client.execute_command(  # type: ignore[no-untyped-call]
+                        "CLIENT", "KILL", "ID", info["id"]
+                    )
+                )
     return killed
 
 
@@ -624,8 +652,9 @@ def run_contender(
     prefix = f"hibench-{run_id}-{name.replace('_', '')}"
     table = f"hibench_{run_id}_{name}"
     db = cmod.REDIS_DBS[name]
-    admin = redis.Redis.from_url(cmod.redis_url_for(redis_url, db, f"hibench-{run_id}-admin"),
-                                 protocol=2)
+    admin = redis.Redis.from_url(
+        cmod.redis_url_for(redis_url, db, f"hibench-{run_id}-admin"), protocol=2
+    )
     own_pool = pool is None
     if pool is None:
         pool = WorkerPool(cfg.readers + 1)
@@ -643,9 +672,14 @@ def run_contender(
             if name == "cashews" and cashews_protocol:
                 query["protocol"] = cashews_protocol
             spec = _Spec(
-                contender=name, pg_url=pg_url, table=table, prefix=prefix, config=cfg,
+                contender=name,
+                pg_url=pg_url,
+                table=table,
+                prefix=prefix,
+                config=cfg,
                 redis_url=cmod.redis_url_for(redis_url, db, f"{prefix}-{role}", **query),
-                role=role, seed=cfg.seed + 7919 * n,
+                role=role,
+                seed=cfg.seed + 7919 * n,
             )
             pipe.send(("run", spec))
         for role, pipe in pipes:
@@ -656,8 +690,9 @@ def run_contender(
             pipe.send(("go", start_ns, stop_ns))
         progress(f"{name}: running {cfg.duration:g}s ({cfg.readers} readers, 1 writer)")
         faults = _inject_faults(admin, prefix, cfg, start_ns)
-        summaries = {role: _expect(pipe, "done", cfg.duration + 60, role)[1]
-                     for role, pipe in pipes}
+        summaries = {
+            role: _expect(pipe, "done", cfg.duration + 60, role)[1] for role, pipe in pipes
+        }
         writes = summaries["writer"]["writes"]
         steady_end = start_ns + int(cfg.duration * cfg.steady_fraction * 1e9)
         phases = [("steady", start_ns, steady_end), ("faults", steady_end, stop_ns)]
@@ -729,8 +764,10 @@ def _aggregate(
             into = phases.setdefault(phase, {"reads": 0, "stale": 0})
             into["reads"] += counts["reads"]
             into["stale"] += counts["stale"]
-    phase_seconds = {"steady": cfg.duration * cfg.steady_fraction,
-                     "faults": cfg.duration * (1 - cfg.steady_fraction)}
+    phase_seconds = {
+        "steady": cfg.duration * cfg.steady_fraction,
+        "faults": cfg.duration * (1 - cfg.steady_fraction),
+    }
     for phase, counts in phases.items():
         counts["reads_per_s"] = round(counts["reads"] / phase_seconds[phase])
     latency = sorted(x for r in readers for x in r["latency_ns"])

@@ -120,9 +120,13 @@ def _load_speedups() -> Any:
     reading = _speedups.monotonic()
     after = _monotonic()
     if not before <= reading <= after:
-        log.warning("hybridinval._speedups reads a different clock than time.monotonic() "
-                    "(%r not within [%r, %r]); using the pure-Python hit path",
-                    reading, before, after)
+        log.warning(
+            "hybridinval._speedups reads a different clock than time.monotonic() "
+            "(%r not within [%r, %r]); using the pure-Python hit path",
+            reading,
+            before,
+            after,
+        )
         return None
     return _speedups
 
@@ -187,8 +191,10 @@ class HybridCache:
         if l1_ttl <= 0 or l2_ttl <= 0 or version_ttl <= 0:
             raise ValueError("l1_ttl, l2_ttl and version_ttl must be > 0")
         if (l1_lease is not None and l1_lease <= 0) or l1_lease_wait < 0:
-            raise ValueError(f"l1_lease must be > 0 or None and l1_lease_wait >= 0, got "
-                             f"{l1_lease!r} and {l1_lease_wait!r}")
+            raise ValueError(
+                f"l1_lease must be > 0 or None and l1_lease_wait >= 0, got "
+                f"{l1_lease!r} and {l1_lease_wait!r}"
+            )
         self.namespace = namespace
         self.l1 = l1 if l1 is not None else MemoryL1()
         self.l2 = l2
@@ -209,9 +215,11 @@ class HybridCache:
         if isinstance(self.l1, NullL1):
             l1_lease = None  # nothing is ever served from L1: say so (reads never renew)
         elif l1_lease is not None and self._caught_up is None:
-            log.warning("transport %s cannot report delivery progress: L1 runs without a lease "
-                        "(staleness is then bounded by delivery lag alone)",
-                        type(transport).__name__)
+            log.warning(
+                "transport %s cannot report delivery progress: L1 runs without a lease "
+                "(staleness is then bounded by delivery lag alone)",
+                type(transport).__name__,
+            )
             l1_lease = None
         self.l1_lease = l1_lease
         self.l1_lease_wait = l1_lease_wait
@@ -296,8 +304,9 @@ class HybridCache:
         other counters are always on).
         """
         if not namespace or not isinstance(namespace, str) or any(c in namespace for c in " {}"):
-            raise ValueError(f"namespace must be a non-empty string without spaces or braces, "
-                             f"got {namespace!r}")
+            raise ValueError(
+                f"namespace must be a non-empty string without spaces or braces, got {namespace!r}"
+            )
         on_close: Callable[[], None] | None = None
         if url is None:
             from ._embedded import EmbeddedRedis
@@ -401,10 +410,12 @@ class HybridCache:
             self.__dict__.pop(name, None)  # after fork: the parent's paths
             method = getattr(type(self), name)
             python = self._counting(method) if self.count_hits else None
-            if (_speedups is not None and method is getattr(HybridCache, name)
-                    and type(self._entries) is dict):
-                path = _speedups.HitPath(self._entries, self._lease,
-                                         python or method.__get__(self))
+            if (
+                _speedups is not None
+                and method is getattr(HybridCache, name)
+                and type(self._entries) is dict
+            ):
+                path = _speedups.HitPath(self._entries, self._lease, python or method.__get__(self))
                 self._hit_paths.append(path)
                 setattr(self, name, path)
             elif python is not None:
@@ -450,9 +461,13 @@ class HybridCache:
                     self._flush_locked()
                 if proven >= self._lease_log_after:
                     self._lease_log_after = proven + 1.0
-                    log.warning("backplane %s: subscriber still behind after %.0f ms; L1 "
-                                "flushed (%d times so far)", self.transport.channel,
-                                self.l1_lease_wait * 1000, self._stats["lease_flushes"])
+                    log.warning(
+                        "backplane %s: subscriber still behind after %.0f ms; L1 "
+                        "flushed (%d times so far)",
+                        self.transport.channel,
+                        self.l1_lease_wait * 1000,
+                        self._stats["lease_flushes"],
+                    )
         self._lease.until = proven + self.l1_lease
 
     def _read_through(
@@ -652,8 +667,11 @@ class HybridCache:
                 self._stats["publish_failures"] += 1
                 self._flush_locked()
                 self._retry_keys.update(batch)
-            log.error("publishing %d invalidation(s) after commit failed; retrying in the "
-                      "background: %s", len(batch), exc)
+            log.error(
+                "publishing %d invalidation(s) after commit failed; retrying in the background: %s",
+                len(batch),
+                exc,
+            )
             self._start_retry_thread()
             return False
         return True
@@ -743,8 +761,12 @@ class HybridCache:
             now = _monotonic()
             if now >= self._malformed_log_after:
                 self._malformed_log_after = now + 1.0
-                log.warning("ignoring malformed backplane message %.200r: %s (%d so far)",
-                            payload, exc, stats["messages_malformed"])
+                log.warning(
+                    "ignoring malformed backplane message %.200r: %s (%d so far)",
+                    payload,
+                    exc,
+                    stats["messages_malformed"],
+                )
             return
         lag_us = (time.time_ns() - message.sent_at_ns) // 1000
         if message.sender == self.instance_id:
@@ -774,8 +796,7 @@ class HybridCache:
             epoch = self._epoch
             if quarantine:
                 self._restoring = set(quarantine)
-        log.info("backplane %s: subscribed (instance %s)", self.transport.channel,
-                 self.instance_id)
+        log.info("backplane %s: subscribed (instance %s)", self.transport.channel, self.instance_id)
         # Off the subscriber thread: its Redis round trips must not hold up the messages that
         # arrive meanwhile (those cancel the keys they name through _cancel_locked).
         threading.Thread(
@@ -826,8 +847,11 @@ class HybridCache:
             self._quarantine, self._quarantined_at = quarantine, since
             self._stats["blind_periods"] += was_trusted
         if was_trusted:
-            log.warning("backplane %s: blind (%s); L1 set aside and bypassed until resubscribed",
-                        self.transport.channel, reason)
+            log.warning(
+                "backplane %s: blind (%s); L1 set aside and bypassed until resubscribed",
+                self.transport.channel,
+                reason,
+            )
 
     def _restore(self, quarantine: dict[str, Any], since: float, epoch: int) -> None:
         """Bring back entries set aside while blind whose L2 version is unchanged.
@@ -861,8 +885,12 @@ class HybridCache:
                     self.l1.store(key, entry[0], entry[1], version)
                     restored += 1
             self._stats["l1_restored"] += restored
-        log.info("backplane %s: %d of %d L1 entries unchanged in L2, kept",
-                 self.transport.channel, restored, len(quarantine))
+        log.info(
+            "backplane %s: %d of %d L1 entries unchanged in L2, kept",
+            self.transport.channel,
+            restored,
+            len(quarantine),
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -882,8 +910,11 @@ class HybridCache:
         wanted = self._switch_interval
         if wanted is not None and sys.getswitchinterval() > wanted:
             sys.setswitchinterval(wanted)
-            log.info("thread switch interval lowered to %.1f ms so that invalidations preempt "
-                     "CPU-bound threads (switch_interval=None leaves it alone)", wanted * 1000)
+            log.info(
+                "thread switch interval lowered to %.1f ms so that invalidations preempt "
+                "CPU-bound threads (switch_interval=None leaves it alone)",
+                wanted * 1000,
+            )
 
     def start(self) -> None:
         """Start the subscriber thread now rather than on first use. Never blocks on the network
@@ -944,8 +975,9 @@ class HybridCache:
         """Counters since start (approximate under heavy thread contention) and backplane lag.
         ``l1_hits`` is None unless the cache was built with ``count_hits=True``."""
         out: dict[str, Any] = dict(self._stats)
-        out["l1_hits"] = (self._hits + sum(path.hits for path in self._hit_paths)
-                          if self.count_hits else None)
+        out["l1_hits"] = (
+            self._hits + sum(path.hits for path in self._hit_paths) if self.count_hits else None
+        )
         out["l1_size"] = len(self._entries)
         out["subscribed"] = self._trusted
         out["instance_id"] = self.instance_id

@@ -75,18 +75,25 @@ class DemoError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=20.0,
-                        help="seconds of workload (default 20)")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of workload (default 20)"
+    )
     parser.add_argument("--users", type=int, default=20, help="users in the data set")
     parser.add_argument("--web", type=int, default=2, help="web processes (default 2)")
-    parser.add_argument("--concurrency", type=int, default=2,
-                        help="Celery prefork children (default 2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="Celery prefork children (default 2)"
+    )
     parser.add_argument("--readers", type=int, default=3, help="HTTP reader threads")
-    parser.add_argument("--delta-ms", type=float, default=50.0,
-                        help="δ: how long after a commit returns a read may still be old")
+    parser.add_argument(
+        "--delta-ms",
+        type=float,
+        default=50.0,
+        help="δ: how long after a commit returns a read may still be old",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary directory (logs, SQLite file)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, SQLite file)"
+    )
 
 
 # -- the processes the demo starts ----------------------------------------------------------
@@ -94,16 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def find_deployment() -> Path:
     """The directory holding ``workers/`` and ``alembic.ini`` (a source checkout)."""
-    candidates = [os.environ.get("HYBRIDINVAL_DEPLOYMENT_DIR"), os.getcwd(),
-                  str(Path(__file__).resolve().parent.parent)]
+    candidates = [
+        os.environ.get("HYBRIDINVAL_DEPLOYMENT_DIR"),
+        os.getcwd(),
+        str(Path(__file__).resolve().parent.parent),
+    ]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "workers" / "__init__.py").is_file() and (
-            Path(candidate) / "alembic.ini"
-        ).is_file():
+        if (
+            candidate
+            and (Path(candidate) / "workers" / "__init__.py").is_file()
+            and (Path(candidate) / "alembic.ini").is_file()
+        ):
             return Path(candidate)
-    raise DemoError("the demo runs the example deployment (workers/ and alembic.ini) of a "
-                    "source checkout; run it from the repository root or set "
-                    "HYBRIDINVAL_DEPLOYMENT_DIR")
+    raise DemoError(
+        "the demo runs the example deployment (workers/ and alembic.ini) of a "
+        "source checkout; run it from the repository root or set "
+        "HYBRIDINVAL_DEPLOYMENT_DIR"
+    )
 
 
 def free_port() -> int:
@@ -217,8 +231,9 @@ class Started:
 class Processes:
     """Everything the demo started; :meth:`stop_all` runs on every exit path."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], cwd: Path,
-                 interrupts: Interrupts) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], cwd: Path, interrupts: Interrupts
+    ) -> None:
         self.interrupts = interrupts
         self.workdir = workdir
         self.env = env
@@ -232,8 +247,12 @@ class Processes:
         # (Deferred, not blocked: a blocked signal mask would be inherited by the child.)
         with self.interrupts.deferred():
             proc = subprocess.Popen(
-                list(args), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=subprocess.STDOUT,
+                list(args),
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 # Its own group: a Ctrl-C in the terminal reaches the demo only, which then
                 # stops everything in order, and the demo can kill exactly what it started.
                 start_new_session=True,
@@ -245,13 +264,15 @@ class Processes:
     def check_alive(self) -> None:
         for started in self.started:
             if started.proc.poll() is not None:
-                raise DemoError(f"{started.name} exited with {started.proc.returncode}:\n"
-                                f"{started.log_tail()}")
+                raise DemoError(
+                    f"{started.name} exited with {started.proc.returncode}:\n{started.log_tail()}"
+                )
 
     def stop_all(self, timeout: float) -> None:
         """Stop in parallel (each waits for its own graceful exit), then make sure."""
-        threads = [threading.Thread(target=s.stop, args=(timeout,), daemon=True)
-                   for s in self.started]
+        threads = [
+            threading.Thread(target=s.stop, args=(timeout,), daemon=True) for s in self.started
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -268,15 +289,17 @@ class Processes:
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
         payload: dict[str, Any] = json.loads(response.read())
         return payload
 
 
-def wait_for(what: str, check: Callable[[], bool], processes: Processes,
-             timeout: float = STARTUP_TIMEOUT) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], processes: Processes, timeout: float = STARTUP_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         processes.check_alive()
@@ -349,8 +372,15 @@ class History:
 class Workload:
     """Driver threads: HTTP readers, an HTTP writer, and one thread for tasks."""
 
-    def __init__(self, web_urls: list[str], celery: Any, queue: str, user_ids: list[int],
-                 history: History, readers: int) -> None:
+    def __init__(
+        self,
+        web_urls: list[str],
+        celery: Any,
+        queue: str,
+        user_ids: list[int],
+        history: History,
+        readers: int,
+    ) -> None:
         self.web_urls = web_urls
         self.celery = celery
         self.queue = queue
@@ -365,8 +395,9 @@ class Workload:
         targets: list[Callable[[], None]] = [self.http_reader] * self.readers
         targets += [self.http_writer, self.tasks]
         for i, target in enumerate(targets):
-            thread = threading.Thread(target=self._guard, args=(target,),
-                                      name=f"demo-driver-{i}", daemon=True)
+            thread = threading.Thread(
+                target=self._guard, args=(target,), name=f"demo-driver-{i}", daemon=True
+            )
             self.threads.append(thread)
             thread.start()
 
@@ -393,15 +424,17 @@ class Workload:
         while not self.stop.is_set():
             user_id = rng.choice(self.user_ids)
             body = http("GET", f"{rng.choice(self.web_urls)}/users/{user_id}")
-            self.history.read(Read(user_id, body["user"]["version"], body["started_ns"],
-                                   f"web:{body['pid']}"))
+            self.history.read(
+                Read(user_id, body["user"]["version"], body["started_ns"], f"web:{body['pid']}")
+            )
 
     def http_writer(self) -> None:
         rng = random.Random()
         while not self.stop.wait(0.02):
             user_id = rng.choice(self.user_ids)
-            body = http("PUT", f"{rng.choice(self.web_urls)}/users/{user_id}",
-                        {"name": self._name()})
+            body = http(
+                "PUT", f"{rng.choice(self.web_urls)}/users/{user_id}", {"name": self._name()}
+            )
             self.history.commit(user_id, body["user"]["version"], body["committed_ns"])
 
     def tasks(self) -> None:
@@ -409,14 +442,19 @@ class Workload:
         while not self.stop.is_set():
             reads = [rng.choice(self.user_ids) for _ in range(4)]
             writer = rng.choice(self.user_ids)
-            pending = [self.celery.send_task("workers.read_user", (u,), queue=self.queue)
-                       for u in reads]
-            update = self.celery.send_task("workers.update_user", (writer,),
-                                           {"name": self._name()}, queue=self.queue)
+            pending = [
+                self.celery.send_task("workers.read_user", (u,), queue=self.queue) for u in reads
+            ]
+            update = self.celery.send_task(
+                "workers.update_user", (writer,), {"name": self._name()}, queue=self.queue
+            )
             for user_id, result in zip(reads, pending, strict=True):
                 body = result.get(timeout=TASK_TIMEOUT)
-                self.history.read(Read(user_id, body["user"]["version"], body["started_ns"],
-                                       f"task:{body['pid']}"))
+                self.history.read(
+                    Read(
+                        user_id, body["user"]["version"], body["started_ns"], f"task:{body['pid']}"
+                    )
+                )
             body = update.get(timeout=TASK_TIMEOUT)
             self.history.commit(writer, body["user"]["version"], body["committed_ns"])
 
@@ -438,15 +476,22 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return (not self.stale and not self.missing and not self.errors and self.reads > 0
-                and self.writes > 0 and not self.leftovers)
+        return (
+            not self.stale
+            and not self.missing
+            and not self.errors
+            and self.reads > 0
+            and self.writes > 0
+            and not self.leftovers
+        )
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     """Run the demo; returns the process exit status."""
     interrupts = Interrupts()
-    previous = {sig: signal.signal(sig, interrupts.handler)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         outcome = _run(args, out, interrupts)
     except KeyboardInterrupt:
@@ -494,15 +539,18 @@ def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outc
             print(f"workdir:  {workdir}  namespace: {namespace}", file=out)
             _migrate(root, database_url)
             env = dict(os.environ)
-            env.update({
-                "REDIS_URL": redis_url,
-                "BROKER_URL": os.environ.get("BROKER_URL") or redis_url,
-                "DATABASE_URL": database_url,
-                "HYBRIDINVAL_NAMESPACE": namespace,
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p),
-                "PYTHONUNBUFFERED": "1",
-            })
+            env.update(
+                {
+                    "REDIS_URL": redis_url,
+                    "BROKER_URL": os.environ.get("BROKER_URL") or redis_url,
+                    "DATABASE_URL": database_url,
+                    "HYBRIDINVAL_NAMESPACE": namespace,
+                    "PYTHONPATH": os.pathsep.join(
+                        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p
+                    ),
+                    "PYTHONUNBUFFERED": "1",
+                }
+            )
             processes = Processes(workdir, env, root, interrupts)
             try:
                 return _drive(args, out, root, processes, env, namespace, external_db)
@@ -516,38 +564,92 @@ def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outc
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _drive(args: argparse.Namespace, out: IO[str], root: Path, processes: Processes,
-           env: dict[str, str], namespace: str, external_db: bool) -> Outcome:
+def _drive(
+    args: argparse.Namespace,
+    out: IO[str],
+    root: Path,
+    processes: Processes,
+    env: dict[str, str],
+    namespace: str,
+    external_db: bool,
+) -> Outcome:
     from celery import Celery
 
     ports = [free_port() for _ in range(args.web)]
     web_urls = [f"http://127.0.0.1:{port}" for port in ports]
     python = sys.executable
     for i, port in enumerate(ports):
-        processes.start(f"web-{i + 1}", [
-            python, "-m", "gunicorn", "-c", str(root / "workers" / "gunicorn_conf.py"),
-            "-b", f"127.0.0.1:{port}", "-w", "1", "workers.web:app"])
+        processes.start(
+            f"web-{i + 1}",
+            [
+                python,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(root / "workers" / "gunicorn_conf.py"),
+                "-b",
+                f"127.0.0.1:{port}",
+                "-w",
+                "1",
+                "workers.web:app",
+            ],
+        )
     queue = f"{namespace}.tasks"
-    processes.start("worker", [
-        python, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork",
-        "-c", str(args.concurrency), "-Q", queue, "-n", f"{namespace}@%h", "--loglevel",
-        "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"])
-    celery = Celery(f"demo-{namespace}", broker=env["BROKER_URL"], backend=env["BROKER_URL"],
-                    set_as_current=False)
+    processes.start(
+        "worker",
+        [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(args.concurrency),
+            "-Q",
+            queue,
+            "-n",
+            f"{namespace}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+    )
+    celery = Celery(
+        f"demo-{namespace}",
+        broker=env["BROKER_URL"],
+        backend=env["BROKER_URL"],
+        set_as_current=False,
+    )
     history = History()
     base = random.randrange(10**6, 10**9) if external_db else 1
     user_ids = [base + i for i in range(args.users)]
     try:
         for url in web_urls:
             wait_for(f"web process at {url}", _healthy(url), processes)
-        wait_for("the Celery worker", lambda: bool(
-            celery.send_task("workers.stats", queue=queue).get(timeout=5)), processes)
-        print(f"started:  {args.web} web processes, a Celery worker with "
-              f"{args.concurrency} children", file=out)
+        wait_for(
+            "the Celery worker",
+            lambda: bool(celery.send_task("workers.stats", queue=queue).get(timeout=5)),
+            processes,
+        )
+        print(
+            f"started:  {args.web} web processes, a Celery worker with {args.concurrency} children",
+            file=out,
+        )
         for user_id in user_ids:
-            body = http("POST", f"{web_urls[0]}/users", {
-                "id": user_id, "name": f"user {user_id}",
-                "email": f"{namespace}-{user_id}@example.com"})
+            body = http(
+                "POST",
+                f"{web_urls[0]}/users",
+                {
+                    "id": user_id,
+                    "name": f"user {user_id}",
+                    "email": f"{namespace}-{user_id}@example.com",
+                },
+            )
             history.commit(user_id, body["user"]["version"], body["committed_ns"])
         workload = Workload(web_urls, celery, queue, user_ids, history, args.readers)
         workload.start()
@@ -573,8 +675,13 @@ def _healthy(url: str) -> Callable[[], bool]:
     return lambda: bool(http("GET", f"{url}/healthz").get("ok"))
 
 
-def _progress(args: argparse.Namespace, out: IO[str], history: History, workload: Workload,
-              processes: Processes) -> None:
+def _progress(
+    args: argparse.Namespace,
+    out: IO[str],
+    history: History,
+    workload: Workload,
+    processes: Processes,
+) -> None:
     tty = out.isatty()
     started = time.monotonic()
     last_print = 0.0
@@ -587,8 +694,10 @@ def _progress(args: argparse.Namespace, out: IO[str], history: History, workload
         if tty or elapsed - last_print >= 2.0:
             last_print = elapsed
             stale = len(history.stale(delta_ns)) if not tty else "-"
-            line = (f"[{elapsed:5.1f}s / {args.duration:.0f}s] reads {len(history.reads):7d}  "
-                    f"commits {history.writes:6d}  stale {stale}")
+            line = (
+                f"[{elapsed:5.1f}s / {args.duration:.0f}s] reads {len(history.reads):7d}  "
+                f"commits {history.writes:6d}  stale {stale}"
+            )
             print(f"\r{line}" if tty else line, end="" if tty else "\n", file=out, flush=True)
         time.sleep(0.25 if tty else 0.1)
     if tty:
@@ -631,8 +740,12 @@ def _migrate(root: Path, database_url: str) -> None:
     command.upgrade(config, "head")
 
 
-def _outcome(args: argparse.Namespace, history: History, stats: dict[str, dict[str, Any]],
-             processes: Processes) -> Outcome:
+def _outcome(
+    args: argparse.Namespace,
+    history: History,
+    stats: dict[str, dict[str, Any]],
+    processes: Processes,
+) -> Outcome:
     stale = history.stale(int(args.delta_ms * 1e6))
     stale_by: dict[str, int] = defaultdict(int)
     for read, _ in stale:
@@ -653,32 +766,55 @@ def _outcome(args: argparse.Namespace, history: History, stats: dict[str, dict[s
         missing.append(f"{args.web - roles.count('web')} web process(es)")
     if roles.count("task") < 1:
         missing.append("every Celery child")
-    examples = [f"{r.process} read user {r.user_id} v{r.version} < v{need}"
-                for r, need in stale[:5]]
+    examples = [
+        f"{r.process} read user {r.user_id} v{r.version} < v{need}" for r, need in stale[:5]
+    ]
     pids = sorted({pid for s in processes.started for pid in s.seen_pids})
-    return Outcome(rows, len(history.reads), history.writes, len(stale), missing,
-                   list(history.errors), pids, processes.leftovers(), examples)
+    return Outcome(
+        rows,
+        len(history.reads),
+        history.writes,
+        len(stale),
+        missing,
+        list(history.errors),
+        pids,
+        processes.leftovers(),
+        examples,
+    )
 
 
 def print_table(outcome: Outcome, args: argparse.Namespace, out: IO[str]) -> None:
-    header = (f"{'process':<14} {'reads':>8} {'L1 hit':>7} {'inval rx':>9} {'lag p50':>9} "
-              f"{'lag p99':>9} {'stale':>6}")
+    header = (
+        f"{'process':<14} {'reads':>8} {'L1 hit':>7} {'inval rx':>9} {'lag p50':>9} "
+        f"{'lag p99':>9} {'stale':>6}"
+    )
     print(file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in outcome.rows:
         ratio = row.get("l1_hit_ratio")
-        print(f"{row['process']:<14} {row['reads']:>8} "
-              f"{'-' if ratio is None else f'{ratio:.1%}':>7} "
-              f"{row['invalidations_received']:>9} {_us(row.get('lag_p50_us')):>9} "
-              f"{_us(row.get('lag_p99_us')):>9} {row['stale']:>6}", file=out)
+        print(
+            f"{row['process']:<14} {row['reads']:>8} "
+            f"{'-' if ratio is None else f'{ratio:.1%}':>7} "
+            f"{row['invalidations_received']:>9} {_us(row.get('lag_p50_us')):>9} "
+            f"{_us(row.get('lag_p99_us')):>9} {row['stale']:>6}",
+            file=out,
+        )
     print("-" * len(header), file=out)
-    print(f"{'checked':<14} {outcome.reads:>8} {'':>7} {'':>9} {'':>9} {'':>9} "
-          f"{outcome.stale:>6}", file=out)
-    print("(a process's reads include its own, e.g. refresh_card's; 'checked' are the reads "
-          "the driver made and checked)", file=out)
-    print(f"\ncommitted updates: {outcome.writes}; δ = {args.delta_ms:g} ms; "
-          f"stale reads: {outcome.stale}", file=out)
+    print(
+        f"{'checked':<14} {outcome.reads:>8} {'':>7} {'':>9} {'':>9} {'':>9} {outcome.stale:>6}",
+        file=out,
+    )
+    print(
+        "(a process's reads include its own, e.g. refresh_card's; 'checked' are the reads "
+        "the driver made and checked)",
+        file=out,
+    )
+    print(
+        f"\ncommitted updates: {outcome.writes}; δ = {args.delta_ms:g} ms; "
+        f"stale reads: {outcome.stale}",
+        file=out,
+    )
     for example in outcome.examples:
         print(f"  stale: {example}", file=out)
     for name in outcome.missing:

@@ -55,7 +55,6 @@ class L1Store(Protocol):
         ...
 
 
-
 class MemoryL1:
     """A bounded map with per-entry expiry and CLOCK (second-chance) eviction.
 

@@ -149,8 +149,9 @@ class RedisL2:
 
     def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
         try:
-            stored, version = self._execute("MGET", self._data_prefix + key,
-                                            self._version_prefix + key)
+            stored, version = self._execute(
+                "MGET", self._data_prefix + key, self._version_prefix + key
+            )
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
         return (None if stored is None else stored[_VERSION_LENGTH:]), version or _ABSENT

@@ -263,15 +263,19 @@ class CeleryIntegration:
                 cache = self.cache_factory()
             except Exception as exc:
                 _last_error = exc
-                log.exception("hybridinval: cache factory failed in pid %d (%s)", os.getpid(),
-                              reason)
+                log.exception(
+                    "hybridinval: cache factory failed in pid %d (%s)", os.getpid(), reason
+                )
                 return None
             elapsed = time.monotonic() - started
             _current, _last_error = _ProcessCache(cache, self), None
         if elapsed > SLOW_FACTORY_WARNING_S:
-            log.warning("hybridinval: cache factory took %.1fs in pid %d; it must not do network "
-                        "I/O (Celery kills prefork children that take over 4 s to start)",
-                        elapsed, os.getpid())
+            log.warning(
+                "hybridinval: cache factory took %.1fs in pid %d; it must not do network "
+                "I/O (Celery kills prefork children that take over 4 s to start)",
+                elapsed,
+                os.getpid(),
+            )
         if self.eager_subscribe:
             # Starts the subscriber thread and returns at once: the first task then
             # usually finds L1 in use instead of paying for a blind period.
@@ -296,8 +300,13 @@ class CeleryIntegration:
 
 
 def _log_opened(cache: HybridCache, reason: str) -> None:
-    log.info("hybridinval: cache opened in pid %d (instance %s, namespace %s, via %s)",
-             os.getpid(), cache.instance_id, cache.namespace, reason)
+    log.info(
+        "hybridinval: cache opened in pid %d (instance %s, namespace %s, via %s)",
+        os.getpid(),
+        cache.instance_id,
+        cache.namespace,
+        reason,
+    )
 
 
 def _close(state: _ProcessCache, reason: str) -> None:
@@ -306,8 +315,12 @@ def _close(state: _ProcessCache, reason: str) -> None:
     except Exception:  # shutting down: report, never raise into Celery's exit path
         log.exception("hybridinval: closing the cache failed in pid %d", state.pid)
         return
-    log.info("hybridinval: cache closed in pid %d (instance %s, via %s)", state.pid,
-             state.cache.instance_id, reason)
+    log.info(
+        "hybridinval: cache closed in pid %d (instance %s, via %s)",
+        state.pid,
+        state.cache.instance_id,
+        reason,
+    )
 
 
 def _close_at_exit() -> None:

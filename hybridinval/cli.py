@@ -20,19 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridinval",
         description="An in-process L1 cache over Redis, kept coherent by commit-driven "
-                    "invalidation.",
+        "invalidation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
         help="run web processes and a Celery worker on embedded Redis and SQLite, drive a "
-             "workload, and check that no read was stale",
+        "workload, and check that no read was stale",
         description="Runs the example deployment (workers/) on this machine: an embedded Redis "
-                    "and a temporary SQLite database unless REDIS_URL/DATABASE_URL are set, "
-                    "2 web processes and a Celery worker with 2 children; drives reads and "
-                    "committed updates, then prints per-process stats. Exits 1 on any stale "
-                    "read.",
+        "and a temporary SQLite database unless REDIS_URL/DATABASE_URL are set, "
+        "2 web processes and a Celery worker with 2 children; drives reads and "
+        "committed updates, then prints per-process stats. Exits 1 on any stale "
+        "read.",
     )
     from ._demo import add_arguments
 
@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "demo":
         from ._demo import DemoError, run
 

@@ -328,8 +328,16 @@ class _UnitOfWork:
     """
 
     __slots__ = (
-        "__weakref__", "caches", "connections", "frames", "generation", "max_key_length",
-        "outcome_unknown", "primary", "session", "watches",
+        "__weakref__",
+        "caches",
+        "connections",
+        "frames",
+        "generation",
+        "max_key_length",
+        "outcome_unknown",
+        "primary",
+        "session",
+        "watches",
     )
 
     def __init__(self, session: Session) -> None:
@@ -438,9 +446,17 @@ class Installation:
         self.session_class = session_class
         self.cache = cache
         self._stats = dict.fromkeys(
-            ("commits_published", "keys_published", "commits_deferred", "frames_dropped",
-             "outer_publishes", "outer_drops", "bypassed_reads", "callbacks_run",
-             "callback_failures"),
+            (
+                "commits_published",
+                "keys_published",
+                "commits_deferred",
+                "frames_dropped",
+                "outer_publishes",
+                "outer_drops",
+                "bypassed_reads",
+                "callbacks_run",
+                "callback_failures",
+            ),
             0,
         )
         self._listeners: list[tuple[str, Callable[..., Any]]] = [
@@ -531,8 +547,11 @@ class Installation:
             dropped = uow.frames.pop(transaction, None)
             if dropped:
                 self._stats["frames_dropped"] += 1
-                log.debug("dropped %d key(s) and %d callback(s) of a rolled-back savepoint",
-                          len(dropped.keys), len(dropped.callbacks))
+                log.debug(
+                    "dropped %d key(s) and %d callback(s) of a rolled-back savepoint",
+                    len(dropped.keys),
+                    len(dropped.callbacks),
+                )
             return
         collected = uow.collected()
         uow.frames.clear()
@@ -540,9 +559,12 @@ class Installation:
             # A connection died, perhaps during COMMIT: the rows may be committed. Invalidating
             # unchanged data costs a miss; a missed invalidation serves stale data. Callbacks
             # (tasks to send) are not run: they must only follow a known commit.
-            log.warning("connection lost before the transaction's outcome was known; "
-                        "invalidating its %d key(s) anyway, dropping %d callback(s)",
-                        len(collected.keys), len(collected.callbacks))
+            log.warning(
+                "connection lost before the transaction's outcome was known; "
+                "invalidating its %d key(s) anyway, dropping %d callback(s)",
+                len(collected.keys),
+                len(collected.callbacks),
+            )
             if collected.keys:
                 self._publish(uow, list(collected.keys), [])
         elif collected:
@@ -862,8 +884,9 @@ def _select_row(
     if row is None:
         # Gone (deleted by another transaction that committed, and published, first): no key
         # of it can be read, and SQLAlchemy reports the stale row in its own way.
-        log.debug("key fields %s of %s %r: the row is gone", fields, mapper.class_.__name__,
-                  tuple(pk))
+        log.debug(
+            "key fields %s of %s %r: the row is gone", fields, mapper.class_.__name__, tuple(pk)
+        )
         return {}
     return dict(zip(fields, row, strict=True))
 
@@ -912,11 +935,22 @@ def _read_rows(
 
 # Execution options that belong to the ORM statement itself, or that a Connection accepts only
 # through Connection.execution_options() (they are in force on the connection anyway).
-_UNFORWARDED_OPTIONS = frozenset({
-    "autoflush", "dml_strategy", "identity_token", "is_delete_using", "is_update_from",
-    "populate_existing", "render_nulls", "synchronize_session", "isolation_level",
-    "postgresql_readonly", "postgresql_deferrable", "logging_token",
-})
+_UNFORWARDED_OPTIONS = frozenset(
+    {
+        "autoflush",
+        "dml_strategy",
+        "identity_token",
+        "is_delete_using",
+        "is_update_from",
+        "populate_existing",
+        "render_nulls",
+        "synchronize_session",
+        "isolation_level",
+        "postgresql_readonly",
+        "postgresql_deferrable",
+        "logging_token",
+    }
+)
 
 
 def _forwarded_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -1095,7 +1129,8 @@ class _UpdateDeleteWatch(_Watch):
             log.warning(
                 "bulk %s of tracked %s reads a data-modifying CTE: its keys are not read (that "
                 "would run the CTE twice); declare them with invalidate_on_commit()",
-                "UPDATE" if dml.is_update else "DELETE", self.mapper.class_.__name__,
+                "UPDATE" if dml.is_update else "DELETE",
+                self.mapper.class_.__name__,
             )
             self.dml = None
             return
@@ -1186,7 +1221,8 @@ class _UpdateDeleteWatch(_Watch):
             log.exception(
                 "bulk %s of tracked %s: reading the rows that matched late failed; their old "
                 "keys are not invalidated",
-                "UPDATE" if self.dml.is_update else "DELETE", self.mapper.class_.__name__,
+                "UPDATE" if self.dml.is_update else "DELETE",
+                self.mapper.class_.__name__,
             )
             return []
         known = set(self.pks)
@@ -1476,7 +1512,13 @@ def _on_before_execute(
         return
     keysel = _KeySelect(mapper, specs, dml)
     args = (
-        conn, uow, session, mapper, specs, keysel, _param_sets(multiparams, params),
+        conn,
+        uow,
+        session,
+        mapper,
+        specs,
+        keysel,
+        _param_sets(multiparams, params),
         _forwarded_options(execution_options),
     )
     watch: _Watch = _InsertWatch(dml, *args) if dml.is_insert else _UpdateDeleteWatch(dml, *args)
@@ -1531,9 +1573,7 @@ class _OuterPending:
         self.caches: dict[int, HybridCache] = {}
 
 
-_outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = (
-    weakref.WeakKeyDictionary()
-)
+_outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = weakref.WeakKeyDictionary()
 # Its underlying dict, for the per-read emptiness test (WeakKeyDictionary's own __len__ is Python
 # code). The attribute is never rebound, so binding it once is safe.
 _outer_pending_data: dict[Any, _OuterPending] = _outer_pending.data  # type: ignore[attr-defined]
@@ -1580,8 +1620,11 @@ def _on_outer_commit(conn: Connection) -> None:
         name = dialect_class.__name__
         if name not in _warned_dialects:
             _warned_dialects.add(name)
-            log.warning("dialect %s overrides do_commit(); invalidations held for an outer "
-                        "transaction may not be published", name)
+            log.warning(
+                "dialect %s overrides do_commit(); invalidations held for an outer "
+                "transaction may not be published",
+                name,
+            )
     proxy = conn.connection
     driver_commit = proxy.dbapi_connection.commit  # type: ignore[union-attr]
 
@@ -1881,9 +1924,15 @@ def _driver_says_current(conn: Connection) -> bool:
     if isinstance(in_transaction, bool) and conn.dialect.name == "sqlite":
         if not in_transaction:
             return True
-        legacy = getattr(driver, "isolation_level", None) is not None and getattr(
-            driver, "autocommit", -1  # sqlite3.LEGACY_TRANSACTION_CONTROL (3.12+), or absent
-        ) == -1
+        legacy = (
+            getattr(driver, "isolation_level", None) is not None
+            and getattr(
+                driver,
+                "autocommit",
+                -1,  # sqlite3.LEGACY_TRANSACTION_CONTROL (3.12+), or absent
+            )
+            == -1
+        )
         return legacy
     info = getattr(driver, "info", None)  # psycopg 3 (sync and async), psycopg2
     status = getattr(info, "transaction_status", None)

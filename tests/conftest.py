@@ -124,8 +124,10 @@ def speedups() -> Any:
     try:
         from hybridinval import _speedups
     except ImportError as exc:
-        reason = (f"hybridinval._speedups is not built ({exc}); reinstall with a C compiler "
-                  f"(pip install -e .) to test the C hit path")
+        reason = (
+            f"hybridinval._speedups is not built ({exc}); reinstall with a C compiler "
+            f"(pip install -e .) to test the C hit path"
+        )
         if _require_services():
             pytest.fail(f"HYBRIDINVAL_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
         pytest.skip(reason)

@@ -36,8 +36,11 @@ MS = 1_000_000
 
 def reads(*records: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows, versions, starts = zip(*records, strict=True)
-    return (np.array(rows, dtype=np.int64), np.array(versions, dtype=np.int64),
-            np.array(starts, dtype=np.int64))
+    return (
+        np.array(rows, dtype=np.int64),
+        np.array(versions, dtype=np.int64),
+        np.array(starts, dtype=np.int64),
+    )
 
 
 # -- the checker on constructed histories --------------------------------------------------------
@@ -100,8 +103,11 @@ def test_no_writes_means_no_stale_reads_and_phases_split_by_start_time() -> None
     assert find_stale(*batch, empty).count == 0
     writes = WriteLog.from_lists([1, 2], [2, 2], [0, 0])
     report = find_stale(*reads((1, 1, 20 * MS), (2, 1, 40 * MS)), writes)
-    phases = stale_by_phase(report, np.array([20 * MS, 40 * MS], dtype=np.int64),
-                            [("steady", 0, 30 * MS), ("faults", 30 * MS, 60 * MS)])
+    phases = stale_by_phase(
+        report,
+        np.array([20 * MS, 40 * MS], dtype=np.int64),
+        [("steady", 0, 30 * MS), ("faults", 30 * MS, 60 * MS)],
+    )
     assert phases == {"steady": {"reads": 1, "stale": 1}, "faults": {"reads": 1, "stale": 1}}
 
 
@@ -116,16 +122,23 @@ def pool() -> Iterator[WorkerPool]:
 
 def quick_config(*, plant_stale: bool = False, pause: float = 0.001) -> WorkloadConfig:
     config: WorkloadConfig = workload_config(parse_args(["--quick"]))
-    return dataclasses.replace(config, readers=2, duration=3.0, pause_per_session=pause,
-                               plant_stale=plant_stale)
+    return dataclasses.replace(
+        config, readers=2, duration=3.0, pause_per_session=pause, plant_stale=plant_stale
+    )
 
 
 @pytest.mark.timeout(90)
 def test_harness_detects_staleness_in_the_hand_rolled_contender(
     pool: WorkerPool, redis_url: str, postgres_url: str
 ) -> None:
-    result = run_contender("hand_rolled", quick_config(plant_stale=True), redis_url,
-                           postgres_url, pool=pool, progress=lambda s: None)
+    result = run_contender(
+        "hand_rolled",
+        quick_config(plant_stale=True),
+        redis_url,
+        postgres_url,
+        pool=pool,
+        progress=lambda s: None,
+    )
     assert "error" not in result, result.get("error")
     assert result["reads"] > 0 and result["writes"] > 0
     assert sum(f["connections_killed"] for f in result["faults"]) > 0
@@ -138,11 +151,19 @@ def test_harness_detects_staleness_in_the_hand_rolled_contender(
 def test_hybridinval_serves_no_stale_read_through_subscriber_kills(
     pool: WorkerPool, redis_url: str, postgres_url: str
 ) -> None:
-    result = run_contender("hybridinval", quick_config(pause=0.0), redis_url, postgres_url,
-                           pool=pool, progress=lambda s: None)
+    result = run_contender(
+        "hybridinval",
+        quick_config(pause=0.0),
+        redis_url,
+        postgres_url,
+        pool=pool,
+        progress=lambda s: None,
+    )
     assert "error" not in result, result.get("error")
     assert result["reads"] > 0 and result["writes"] > 0
     assert sum(f["connections_killed"] for f in result["faults"]) > 0, "no fault was injected"
     assert result["errors"] == 0, result["first_error"]
     assert {p: v["stale"] for p, v in result["phases"].items()} == {"steady": 0, "faults": 0}, (
-        result["stale_examples"], result["notes"])
+        result["stale_examples"],
+        result["notes"],
+    )

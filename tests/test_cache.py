@@ -561,9 +561,20 @@ def test_context_manager_closes(redis_url: str, namespace: str) -> None:
 def test_stats_has_the_documented_counters(make_cache: CacheFactory) -> None:
     stats = make_cache().stats()
     for name in (
-        "l1_hits", "l1_misses", "l2_hits", "l2_misses", "invalidations_sent",
-        "invalidations_received", "flushes", "fill_guard_rejections", "lag_p50_us",
-        "lag_p99_us", "publish_failures", "subscribed", "instance_id", "lease_waits",
+        "l1_hits",
+        "l1_misses",
+        "l2_hits",
+        "l2_misses",
+        "invalidations_sent",
+        "invalidations_received",
+        "flushes",
+        "fill_guard_rejections",
+        "lag_p50_us",
+        "lag_p99_us",
+        "publish_failures",
+        "subscribed",
+        "instance_id",
+        "lease_waits",
         "lease_flushes",
     ):
         assert name in stats

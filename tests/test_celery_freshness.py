@@ -79,12 +79,14 @@ def web(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[Web]:
 
 
 def start(start_worker: StartWorker, web: Web, redis_url: str, namespace: str) -> Any:
-    return start_worker(tagged(redis_url, namespace),
-                        env={"HI_TEST_DATABASE_URL": str(web.engine.url)})
+    return start_worker(
+        tagged(redis_url, namespace), env={"HI_TEST_DATABASE_URL": str(web.engine.url)}
+    )
 
 
-def reads(n: int, item_id: int = 1, sleep: float = 0.0) -> list[tuple[str, tuple[Any, ...],
-                                                                       dict[str, Any]]]:
+def reads(
+    n: int, item_id: int = 1, sleep: float = 0.0
+) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
     return [("hi_test.read_item", (item_id,), {"sleep": sleep})] * n
 
 
@@ -158,8 +160,9 @@ def test_enqueue_on_commit_sends_after_the_invalidation_and_never_after_a_rollba
     with redis.Redis.from_url(redis_url) as admin:
 
         def signature() -> SpySignature:
-            return SpySignature("hi_test.read_item", args=(1,), app=client,
-                                probe=lambda: admin.get(version_key))
+            return SpySignature(
+                "hi_test.read_item", args=(1,), app=client, probe=lambda: admin.get(version_key)
+            )
 
         for version in range(1, 4):
             before = admin.get(version_key)

@@ -48,8 +48,9 @@ def test_prefork_children_start_while_cache_redis_is_down_and_recover(
     connections (Celery kills a child whose init takes over 4 s), and its subscriber recovers
     by itself when Redis comes back."""
     tcp_proxy.refuse()
-    worker = start_worker(tagged(tcp_proxy.url, namespace),
-                          extra_args=["--max-tasks-per-child", "1"])
+    worker = start_worker(
+        tagged(tcp_proxy.url, namespace), extra_args=["--max-tasks-per-child", "1"]
+    )
 
     down = run(client, worker, probes(4, sleep=0.1))
     pids = {r["pid"] for r in down}
@@ -72,8 +73,9 @@ def test_prefork_children_start_while_cache_redis_is_down_and_recover(
     assert not pids & {r["pid"] for r in up}
 
     # No cache was ever opened in the parent, and only worker_process_init opened any.
-    assert all(pid != worker.pid and via == "worker_process_init"
-               for pid, _, via in opened(worker)), opened(worker)
+    assert all(
+        pid != worker.pid and via == "worker_process_init" for pid, _, via in opened(worker)
+    ), opened(worker)
 
 
 def test_a_blocking_cache_factory_gets_replacement_children_killed(
@@ -81,12 +83,18 @@ def test_a_blocking_cache_factory_gets_replacement_children_killed(
 ) -> None:
     """The canary for the test above: Celery really does kill a replacement child whose
     worker_process_init takes over 4 s (so a factory that waited for Redis would never serve)."""
-    worker = start_worker(tagged(redis_url, namespace), extra_args=["--max-tasks-per-child", "1"],
-                          env={"HI_TEST_FACTORY_SLEEP": "4.5"})
+    worker = start_worker(
+        tagged(redis_url, namespace),
+        extra_args=["--max-tasks-per-child", "1"],
+        env={"HI_TEST_FACTORY_SLEEP": "4.5"},
+    )
     client.send_task("hi_test.probe", ("k",))
     client.send_task("hi_test.probe", ("k",))
-    wait_until(lambda: "Timed out waiting for UP message" in worker.log_text(), timeout=40,
-               what="Celery kills a child that takes over 4 s to start")
+    wait_until(
+        lambda: "Timed out waiting for UP message" in worker.log_text(),
+        timeout=40,
+        what="Celery kills a child that takes over 4 s to start",
+    )
     assert "cache factory took" in worker.log_text(), "the slow factory is logged"
 
 
@@ -135,8 +143,11 @@ def test_child_cycles_and_warm_shutdown_leak_no_connections_or_threads(
     shutdown leaves no process, connection or subscription behind."""
     cache_url = tagged(redis_url, namespace)
     parent_tag = f"{namespace}-parent"
-    worker = start_worker(cache_url, extra_args=["--max-tasks-per-child", "1"],
-                          env={"HI_TEST_PARENT_CACHE_URL": tagged(redis_url, parent_tag)})
+    worker = start_worker(
+        cache_url,
+        extra_args=["--max-tasks-per-child", "1"],
+        env={"HI_TEST_PARENT_CACHE_URL": tagged(redis_url, parent_tag)},
+    )
     channel = f"hi:{namespace}:inval"
     seen: list[dict[str, Any]] = []
     peak = 0
@@ -167,14 +178,20 @@ def test_child_cycles_and_warm_shutdown_leak_no_connections_or_threads(
         assert cache_connections(redis_url, parent_tag) == 2
 
         # Every replaced child closed its cache on its way out.
-        wait_until(lambda: instances <= set(closed(worker)), timeout=15,
-                   what="every replaced child logs its cache closed")
+        wait_until(
+            lambda: instances <= set(closed(worker)),
+            timeout=15,
+            what="every replaced child logs its cache closed",
+        )
         assert set(closed(worker).values()) == {"worker_process_shutdown"}
 
         children = [pid for pid in worker.members() if pid != worker.pid]
         assert worker.stop() == 0, worker.log_tail()
         assert not any(pid_alive(pid) for pid in children)
-        wait_until(lambda: cache_connections(redis_url, namespace) == 0, timeout=10,
-                   what="no cache connection outlives the worker")
+        wait_until(
+            lambda: cache_connections(redis_url, namespace) == 0,
+            timeout=10,
+            what="no cache connection outlives the worker",
+        )
         assert dict(admin.pubsub_numsub(channel))[channel.encode()] == 0
     assert "Traceback" not in worker.log_text(), worker.log_tail()

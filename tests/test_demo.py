@@ -30,14 +30,21 @@ class Demo:
     at the end of the test whatever happens."""
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "DATABASE_URL", "BROKER_URL", "HYBRIDINVAL_NAMESPACE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "DATABASE_URL", "BROKER_URL", "HYBRIDINVAL_NAMESPACE")
+        }
         env["PYTHONUNBUFFERED"] = "1"
         self.out_path = tmp_path / "demo.out"
         self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hybridinval.cli", "demo", *args], cwd=REPO_ROOT, env=env,
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "hybridinval.cli", "demo", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.seen: set[int] = set()

@@ -113,8 +113,9 @@ def test_without_a_lease_hits_never_renew(make_cache: CacheFactory, hit_path: st
 
 
 @pytest.mark.parametrize("count_hits", [False, True])
-def test_a_subclass_override_is_not_shadowed(redis_url: str, namespace: str, hit_path: str,
-                                             count_hits: bool) -> None:
+def test_a_subclass_override_is_not_shadowed(
+    redis_url: str, namespace: str, hit_path: str, count_hits: bool
+) -> None:
     class Audited(HybridCache):
         seen: list[str]
 
@@ -161,8 +162,9 @@ def test_introspection_shows_the_python_method(make_cache: CacheFactory, hit_pat
     for name in ("get", "get_or_set", "get_local"):
         method = getattr(cache, name)
         assert method.__doc__ == getattr(HybridCache, name).__doc__
-        assert inspect.signature(method) == inspect.signature(getattr(HybridCache, name).__get__(
-            cache))
+        assert inspect.signature(method) == inspect.signature(
+            getattr(HybridCache, name).__get__(cache)
+        )
 
 
 def test_a_closed_cache_refuses_reads(make_cache: CacheFactory, hit_path: str) -> None:

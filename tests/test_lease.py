@@ -167,14 +167,17 @@ def test_get_local_and_get_or_set_honour_the_lease_too(make_cache: CacheFactory)
         park.transport._wait_readable = park.original
         received = reader.stats()["invalidations_received"]
         writer.invalidate("k")
-        wait_until(lambda r=received: reader.stats()["invalidations_received"] > r,
-                   what="the reset reaches the reader")
+        wait_until(
+            lambda r=received: reader.stats()["invalidations_received"] > r,
+            what="the reset reaches the reader",
+        )
 
 
 def test_no_waiting_while_not_subscribed(namespace: str) -> None:
     """Redis down: L1 is not in use, so there is nothing to wait for, ever."""
-    cache = HybridCache.from_url("redis://127.0.0.1:1/0", namespace=namespace,
-                                 l1_lease=LEASE, l1_lease_wait=10.0)
+    cache = HybridCache.from_url(
+        "redis://127.0.0.1:1/0", namespace=namespace, l1_lease=LEASE, l1_lease_wait=10.0
+    )
     try:
         for i in range(20):
             assert cache.get_or_set("k", lambda i=i: i) == i  # the loader, every time

@@ -22,8 +22,12 @@ def test_all_is_complete_and_importable() -> None:
 
 
 def test_every_error_is_a_hybridinval_error() -> None:
-    for name in ("BackendUnavailableError", "SerializationError", "CacheClosedError",
-                 "TransactionStateError"):
+    for name in (
+        "BackendUnavailableError",
+        "SerializationError",
+        "CacheClosedError",
+        "TransactionStateError",
+    ):
         assert issubclass(getattr(hybridinval, name), hybridinval.HybridInvalError)
 
 

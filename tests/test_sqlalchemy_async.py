@@ -27,7 +27,6 @@ from hybridinval.sqlalchemy import install, invalidate_on_commit
 pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
 
 
-
 def async_engine(db: DbSpec) -> AsyncEngine:
     if db.kind == "sqlite":
         engine = create_async_engine(db.url.replace("sqlite://", "sqlite+aiosqlite://", 1))
@@ -50,8 +49,7 @@ class AsyncTracked(TrackedSession):
 @pytest.fixture
 def factory(db: DbSpec, cache: HybridCache) -> Iterator[async_sessionmaker[AsyncSession]]:
     engine = async_engine(db)
-    factory = async_sessionmaker(engine, sync_session_class=AsyncTracked,
-                                 expire_on_commit=False)
+    factory = async_sessionmaker(engine, sync_session_class=AsyncTracked, expire_on_commit=False)
     installation = install(factory, cache)
 
     async def seed() -> None:
@@ -87,8 +85,12 @@ def test_async_commit_publishes_once_after_the_root_commit(
 
     asyncio.run(work())
     assert len(publishes.calls) == 1
-    assert set(publishes.calls[0]) == {"user:1", "user_by_email:u1@x", "user:2",
-                                       "user_by_email:u2@x"}
+    assert set(publishes.calls[0]) == {
+        "user:1",
+        "user_by_email:u1@x",
+        "user:2",
+        "user_by_email:u2@x",
+    }
 
 
 def test_async_rollback_and_bulk_update(
@@ -105,14 +107,22 @@ def test_async_rollback_and_bulk_update(
             await s.execute(update(User).where(User.id >= 2).values(email=User.email + "z"))
 
     asyncio.run(work())
-    assert [set(c) for c in publishes.calls] == [{
-        "user:2", "user:3", "user_by_email:u2@x", "user_by_email:u3@x",
-        "user_by_email:u2@xz", "user_by_email:u3@xz",
-    }]
+    assert [set(c) for c in publishes.calls] == [
+        {
+            "user:2",
+            "user:3",
+            "user_by_email:u2@x",
+            "user_by_email:u3@x",
+            "user_by_email:u2@xz",
+            "user_by_email:u3@xz",
+        }
+    ]
 
 
 def test_async_joined_session_publishes_at_the_outer_commit(
-    db: DbSpec, cache: HybridCache, factory: async_sessionmaker[AsyncSession],
+    db: DbSpec,
+    cache: HybridCache,
+    factory: async_sessionmaker[AsyncSession],
     publishes: Publishes,
 ) -> None:
     publishes.clear()
@@ -141,9 +151,9 @@ def test_aget_or_set_bypasses_pending_keys_and_caches_the_rest(
             scoped = cache.for_session(s)
 
             async def load(user_id: int) -> str:
-                name: str = (await s.execute(
-                    select(User.name).where(User.id == user_id)
-                )).scalar_one()
+                name: str = (
+                    await s.execute(select(User.name).where(User.id == user_id))
+                ).scalar_one()
                 return name
 
             (await s.get(User, 1)).name = "mine"

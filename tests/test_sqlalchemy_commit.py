@@ -174,15 +174,17 @@ def test_joined_session_in_control_publishes_at_its_own_commit(
 
 def committed_name(engine: Engine, user_id: int) -> str:
     with engine.connect() as other:
-        name: str = other.execute(
-            select(User.name).where(User.id == user_id)
-        ).scalar_one()
+        name: str = other.execute(select(User.name).where(User.id == user_id)).scalar_one()
         return name
 
 
 def test_no_reader_can_cache_the_old_row_after_commit_returns(
-    db: DbSpec, engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes,
-    redis_url: str, namespace: str,
+    db: DbSpec,
+    engine: Engine,
+    Sessions: sessionmaker[Any],
+    publishes: Publishes,
+    redis_url: str,
+    namespace: str,
 ) -> None:
     """Another process reads and caches the row at the worst moment: just before the database
     COMMIT. A publish at that moment (before_commit, or the connection's pre-COMMIT event)
@@ -217,7 +219,10 @@ def test_no_reader_can_cache_the_old_row_after_commit_returns(
 
 
 def test_publish_failure_after_commit_does_not_raise_and_is_retried(
-    engine: Engine, redis_server: RedisServer, tcp_proxy: TcpProxy, namespace: str,
+    engine: Engine,
+    redis_server: RedisServer,
+    tcp_proxy: TcpProxy,
+    namespace: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import redis
@@ -248,8 +253,9 @@ def test_publish_failure_after_commit_does_not_raise_and_is_retried(
         assert direct.get(f"hi:{namespace}:d:user:1") is not None  # not delivered yet
 
         tcp_proxy.accept_again()
-        wait_until(lambda: cache.stats()["publish_retries_succeeded"] >= 1, timeout=30,
-                   what="the retry")
+        wait_until(
+            lambda: cache.stats()["publish_retries_succeeded"] >= 1, timeout=30, what="the retry"
+        )
         assert cache.pending_retries() == 0
         assert direct.get(f"hi:{namespace}:d:user:1") is None
     finally:
@@ -270,7 +276,11 @@ def test_uninstall_stops_publishing(
 
 
 def test_two_caches_installed_on_one_session_each_get_one_publish(
-    engine: Engine, cache: HybridCache, publishes: Publishes, redis_url: str, namespace: str,
+    engine: Engine,
+    cache: HybridCache,
+    publishes: Publishes,
+    redis_url: str,
+    namespace: str,
 ) -> None:
     second = HybridCache.from_url(redis_url, namespace=namespace + "-2")
     spy2 = Publishes(second)
@@ -306,8 +316,10 @@ def test_sessions_in_threads_keep_separate_frames(
             else:
                 s.rollback()
 
-    threads = [threading.Thread(target=work, args=(1, True)),
-               threading.Thread(target=work, args=(2, False))]
+    threads = [
+        threading.Thread(target=work, args=(1, True)),
+        threading.Thread(target=work, args=(2, False)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -323,8 +335,11 @@ def test_install_accepts_each_kind_of_factory(engine: Engine, cache: HybridCache
 
     maker = sessionmaker(engine, class_=Mine)
     scoped = scoped_session(sessionmaker(engine, class_=Mine))
-    for target, expected in ((Mine, Mine), (maker, maker.class_),
-                             (scoped, scoped.session_factory.class_)):
+    for target, expected in (
+        (Mine, Mine),
+        (maker, maker.class_),
+        (scoped, scoped.session_factory.class_),
+    ):
         installation = install(target, cache)
         assert installation.session_class is expected
         installation.uninstall()
@@ -333,7 +348,9 @@ def test_install_accepts_each_kind_of_factory(engine: Engine, cache: HybridCache
 
 
 def test_a_connection_lost_during_commit_invalidates_anyway(
-    postgres_url: str, cache: HybridCache, caplog: pytest.LogCaptureFixture,
+    postgres_url: str,
+    cache: HybridCache,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """commit() raised because the connection died at COMMIT: the database may or may not have
     committed. The keys are published anyway (harmless if it did not). PostgreSQL only: it
@@ -404,7 +421,8 @@ def test_on_commit_runs_after_the_publish_and_follows_the_frames(
 
 
 def test_a_failing_callback_does_not_fail_the_commit_or_the_others(
-    Sessions: sessionmaker[Any], installed: tuple[Any, Installation],
+    Sessions: sessionmaker[Any],
+    installed: tuple[Any, Installation],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ran: list[str] = []
@@ -432,8 +450,9 @@ class _Signature:
 
     def apply_async(self, args: Any = None, kwargs: Any = None) -> str:
         # What the task would find: the writer's keys already invalidated.
-        self.sent.append((args, kwargs, len(self._publishes.calls),
-                          self._cache.l2.get("user:1")[0]))
+        self.sent.append(
+            (args, kwargs, len(self._publishes.calls), self._cache.l2.get("user:1")[0])
+        )
         return "task-id"
 
 

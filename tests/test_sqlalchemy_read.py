@@ -46,7 +46,10 @@ def other_process(redis_url: str, namespace: str) -> Any:
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("stage", ["unflushed", "flushed"])
 def test_a_key_with_pending_changes_is_loaded_and_never_stored(
-    Sessions: sessionmaker[Any], cache: HybridCache, other_process: HybridCache, stage: str,
+    Sessions: sessionmaker[Any],
+    cache: HybridCache,
+    other_process: HybridCache,
+    stage: str,
 ) -> None:
     with Sessions() as s:
         s.get(User, 1).name = "uncommitted"
@@ -150,7 +153,9 @@ def snapshot_engine(db: DbSpec) -> Engine:
 
 @pytest.mark.usefixtures("seeded")
 def test_a_session_holding_an_older_snapshot_loads_but_does_not_fill(
-    db: DbSpec, Sessions: sessionmaker[Any], cache: HybridCache,
+    db: DbSpec,
+    Sessions: sessionmaker[Any],
+    cache: HybridCache,
 ) -> None:
     """The session's snapshot predates a commit whose invalidation already happened: the L2
     version it would compare against is new, the row it reads is old. It must not store."""
@@ -192,16 +197,18 @@ def test_per_statement_snapshots_keep_filling(
 
 @pytest.mark.usefixtures("seeded")
 def test_a_load_that_read_before_a_commit_is_not_stored_after_it(
-    db: DbSpec, Sessions: sessionmaker[Any], cache: HybridCache, redis_url: str, namespace: str,
+    db: DbSpec,
+    Sessions: sessionmaker[Any],
+    cache: HybridCache,
+    redis_url: str,
+    namespace: str,
 ) -> None:
     """B reads user 1 (old row); A commits a change and publishes; only then does B's load
     return. B must serve what it read to its caller, but store it nowhere."""
     ctx = multiprocessing.get_context("spawn")
     loaded, go = ctx.Event(), ctx.Event()
     out: Any = ctx.Queue()
-    child = ctx.Process(
-        target=slow_loader_reader, args=(redis_url, namespace, db, loaded, go, out)
-    )
+    child = ctx.Process(target=slow_loader_reader, args=(redis_url, namespace, db, loaded, go, out))
     child.start()
     try:
         assert loaded.wait(60), "child never loaded"

@@ -44,9 +44,7 @@ def pg(postgres_url: str) -> Any:
     drop_database(spec)
 
 
-def test_soak_zero_stale_reads(
-    pg: DbSpec, redis_url: str, namespace: str, tmp_path: Path
-) -> None:
+def test_soak_zero_stale_reads(pg: DbSpec, redis_url: str, namespace: str, tmp_path: Path) -> None:
     engine = pg.engine()
     with Session(engine) as s, s.begin():
         s.add_all(Item(id=i, value="init") for i in range(ROWS))
@@ -56,12 +54,26 @@ def test_soak_zero_stale_reads(
     ready = [ctx.Event() for _ in range(READERS + 1)]
     writer_out = tmp_path / "writer.json"
     reader_outs = [tmp_path / f"reader{i}.json" for i in range(READERS)]
-    writer = ctx.Process(target=soak_writer, args=(
-        redis_url, namespace, pg, ROWS, COMMITS, 1, ready[0], start, str(writer_out)))
+    writer = ctx.Process(
+        target=soak_writer,
+        args=(redis_url, namespace, pg, ROWS, COMMITS, 1, ready[0], start, str(writer_out)),
+    )
     readers = [
-        ctx.Process(target=soak_reader, args=(
-            redis_url, namespace, pg, ROWS, 100 + i, ready[i + 1], start, writer_done, settled,
-            str(out)))
+        ctx.Process(
+            target=soak_reader,
+            args=(
+                redis_url,
+                namespace,
+                pg,
+                ROWS,
+                100 + i,
+                ready[i + 1],
+                start,
+                writer_done,
+                settled,
+                str(out),
+            ),
+        )
         for i, out in enumerate(reader_outs)
     ]
     procs = [writer, *readers]
@@ -108,7 +120,7 @@ def test_soak_zero_stale_reads(
             commits = by_row.get(row, [])
             k = bisect.bisect_left(afters.get(row, []), began - DELTA) - 1
             allowed = {commits[k][2] if k >= 0 else "init"}
-            allowed |= {value for _after, before, value in commits[k + 1:] if before < ended}
+            allowed |= {value for _after, before, value in commits[k + 1 :] if before < ended}
             if value not in allowed:
                 stale += 1
                 examples.append(("stale", row, value, began, commits[k] if k >= 0 else None))
@@ -116,8 +128,9 @@ def test_soak_zero_stale_reads(
     # End state: every L1 entry and every L2 value equals the database.
     with Session(engine) as s:
         final = {f"item:{i.id}": i.value for i in s.scalars(select(Item))}
-    l1_wrong = [(k, v, final.get(k)) for out in outs for k, v in out["l1"].items()
-                if final.get(k) != v]
+    l1_wrong = [
+        (k, v, final.get(k)) for out in outs for k, v in out["l1"].items() if final.get(k) != v
+    ]
     checker = HybridCache.from_url(redis_url, namespace=namespace)
     try:
         l2_wrong = []

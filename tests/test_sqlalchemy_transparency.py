@@ -249,8 +249,10 @@ def test_schema_translate_map_per_statement_updates_and_publishes_that_schemas_r
         other_engine = engine.execution_options(schema_translate_map={None: other})
         Base.metadata.create_all(other_engine)
         with other_engine.begin() as conn:
-            conn.execute(insert(User), [{"id": 1, "email": "o1@x", "name": "x"},
-                                        {"id": 2, "email": "o2@x", "name": "x"}])
+            conn.execute(
+                insert(User),
+                [{"id": 1, "email": "o1@x", "name": "x"}, {"id": 2, "email": "o2@x", "name": "x"}],
+            )
         with Sessions.begin() as s:
             result = s.execute(
                 update(User).where(User.name == "x").values(email=User.email + "z"),
@@ -259,7 +261,8 @@ def test_schema_translate_map_per_statement_updates_and_publishes_that_schemas_r
             assert result.rowcount == 2
         with other_engine.connect() as conn:
             assert conn.execute(select(User.email).order_by(User.id)).scalars().all() == [
-                "o1@xz", "o2@xz"
+                "o1@xz",
+                "o2@xz",
             ]
         assert snapshot(engine)["hi_users"] == [tuple(u.values()) for u in USERS]
         assert publishes.keys == user_keys((1, "o1@x"), (2, "o2@x"), (1, "o1@xz"), (2, "o2@xz"))
@@ -289,7 +292,10 @@ def test_backref_to_an_expired_parent_flushes(
 
 @pytest.mark.parametrize("relationship", ["write_only", "dynamic", "association_proxy"])
 def test_child_of_an_expired_parent_through_other_collections_flushes(
-    db: DbSpec, engine: Engine, Sessions: sessionmaker[Any], publishes: Publishes,
+    db: DbSpec,
+    engine: Engine,
+    Sessions: sessionmaker[Any],
+    publishes: Publishes,
     relationship: str,
 ) -> None:
     def program(S: sessionmaker[Any]) -> Any:
@@ -304,9 +310,7 @@ def test_child_of_an_expired_parent_through_other_collections_flushes(
             else:
                 owner.nicks.append("nick")
             s.commit()
-            return [
-                s.scalars(select(func.count()).select_from(c)).one() for c in (Pet, Toy, Nick)
-            ]
+            return [s.scalars(select(func.count()).select_from(c)).one() for c in (Pet, Toy, Nick)]
 
     same_as_plain(db, engine, Sessions, publishes, program, seeded=False)
     child = {"write_only": "pet", "dynamic": "toy", "association_proxy": "nick"}[relationship]
@@ -468,10 +472,12 @@ def test_bulk_update_and_delete_of_more_rows_than_the_driver_has_parameters(
     n = 70_000
     reset(db, engine, seeded=False)
     with engine.begin() as conn:
-        conn.execute(text(
-            f'INSERT INTO "{db.schema}".hi_users (id, email, name) '
-            f"SELECT g, 'e' || g, 'bulk' FROM generate_series(1, {n}) AS g"
-        ))
+        conn.execute(
+            text(
+                f'INSERT INTO "{db.schema}".hi_users (id, email, name) '
+                f"SELECT g, 'e' || g, 'bulk' FROM generate_series(1, {n}) AS g"
+            )
+        )
     with Sessions.begin() as s:
         assert s.execute(update(User).where(User.name == "bulk").values(name="b2")).rowcount == n
     assert len(publishes.keys) == 2 * n
@@ -519,14 +525,18 @@ def test_bulk_update_and_delete_on_a_sharded_session(
         with S() as s:
             s.add_all(User(id=i, email=f"u{i}@x", name="s") for i in (1, 2, 3))
             s.commit()
-            up = s.execute(update(User).where(User.name == "s").values(name="t")
-                           .options(*options), **kwargs).rowcount
-            down = s.execute(delete(User).where(User.id == 3).options(*options),
-                             **kwargs).rowcount
+            up = s.execute(
+                update(User).where(User.name == "s").values(name="t").options(*options), **kwargs
+            ).rowcount
+            down = s.execute(delete(User).where(User.id == 3).options(*options), **kwargs).rowcount
             s.commit()
-            left = {n: sorted(tuple(r) for r in s.execute(select(User.id, User.name),
-                                                           bind_arguments={"shard_id": n}))
-                    for n in shards}
+            left = {
+                n: sorted(
+                    tuple(r)
+                    for r in s.execute(select(User.id, User.name), bind_arguments={"shard_id": n})
+                )
+                for n in shards
+            }
             s.execute(delete(User), bind_arguments={"shard_id": "even"})
             s.execute(delete(User), bind_arguments={"shard_id": "odd"})
             s.commit()

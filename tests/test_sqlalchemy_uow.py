@@ -223,7 +223,10 @@ def test_bulk_update_publishes_old_and_new_keys_of_matched_rows(
     )
     with Sessions() as s:
         assert s.scalars(select(User.email).order_by(User.id)).all() == [
-            "u1@xz", "u2@xz", "u3@x", "u4@x"
+            "u1@xz",
+            "u2@xz",
+            "u3@x",
+            "u4@x",
         ]
 
 
@@ -653,4 +656,3 @@ def test_a_full_pool_never_fails_a_statement_that_has_run(
         installation.uninstall()
         small.dispose()
         interloper.dispose()
-

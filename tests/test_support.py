@@ -231,8 +231,9 @@ def test_blackhole_hides_server_death_from_client(
     redis_server.kill()
     # The proxy has seen the server's close (its upstream pump ended) and kept the client's
     # side open. Checked before the ping: redis-py closes its socket after a timeout.
-    assert _wait_until(lambda: not any("-u2c-" in t.name for t in tcp_proxy.threads()),
-                       timeout=5.0), "the proxy never saw the server's close"
+    assert _wait_until(
+        lambda: not any("-u2c-" in t.name for t in tcp_proxy.threads()), timeout=5.0
+    ), "the proxy never saw the server's close"
     assert tcp_proxy.connection_count == 1
     # A partitioned client cannot see the crash: it times out, no ConnectionError.
     with pytest.raises(redis.TimeoutError):

@@ -29,8 +29,14 @@ def compose() -> str:
 def run(*args: str) -> str:
     # Debian's docker-compose is a Python program: keep our interpreter's settings out of it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run([compose(), "-f", str(REPO_ROOT / "docker-compose.yml"), *args],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [compose(), "-f", str(REPO_ROOT / "docker-compose.yml"), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, f"docker-compose {' '.join(args)} failed:\n{done.stderr}"
     return done.stdout
 
@@ -59,8 +65,12 @@ def test_compose_file_is_valid_and_runs_the_whole_stack() -> None:
 
 def test_dockerfile_copies_what_exists() -> None:
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    sources = [src for line in dockerfile.splitlines() if line.startswith("COPY ")
-               for src in line.split()[1:-1]]
+    sources = [
+        src
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ")
+        for src in line.split()[1:-1]
+    ]
     assert sources, "the Dockerfile copies nothing"
     for src in sources:
         assert (REPO_ROOT / src).exists(), f"Dockerfile copies missing {src}"

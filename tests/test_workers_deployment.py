@@ -32,8 +32,9 @@ DELTA_S = 0.05
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -63,20 +64,41 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
 
 
 def test_web_and_tasks_stay_coherent_on_postgresql(
-    spawn: Callable[..., Spawned], pg_schema_url: str, redis_url: str, namespace: str,
+    spawn: Callable[..., Spawned],
+    pg_schema_url: str,
+    redis_url: str,
+    namespace: str,
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
     broker = redis_server_factory()
-    env = {"DATABASE_URL": pg_schema_url, "REDIS_URL": redis_url, "BROKER_URL": broker.url,
-           "HYBRIDINVAL_NAMESPACE": namespace}
+    env = {
+        "DATABASE_URL": pg_schema_url,
+        "REDIS_URL": redis_url,
+        "BROKER_URL": broker.url,
+        "HYBRIDINVAL_NAMESPACE": namespace,
+    }
     port = free_port()
-    web = spawn(Spawned, [sys.executable, "-m", "gunicorn", "-c",
-                          str(REPO_ROOT / "workers" / "gunicorn_conf.py"),
-                          "-b", f"127.0.0.1:{port}", "-w", "2", "workers.web:app"], env=env)
+    web = spawn(
+        Spawned,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(REPO_ROOT / "workers" / "gunicorn_conf.py"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "2",
+            "workers.web:app",
+        ],
+        env=env,
+    )
     worker = spawn(CeleryWorker, "workers.celery_app", env=env, queues=f"{namespace}.tasks")
     base = f"http://127.0.0.1:{port}"
-    celery = Celery(f"client-{namespace}", broker=broker.url, backend=broker.url,
-                    set_as_current=False)
+    celery = Celery(
+        f"client-{namespace}", broker=broker.url, backend=broker.url, set_as_current=False
+    )
     try:
 
         def task(task_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -122,8 +144,11 @@ def test_web_and_tasks_stay_coherent_on_postgresql(
         web_pids |= read_everywhere(3)
 
         # refresh_card was sent on each commit (after its invalidations): the card catches up.
-        wait_until(lambda: http("GET", f"{base}/users/1/card")["user_version"] == 3,
-                   timeout=15, what="the card follows the last committed update")
+        wait_until(
+            lambda: http("GET", f"{base}/users/1/card")["user_version"] == 3,
+            timeout=15,
+            what="the card follows the last committed update",
+        )
         assert http("GET", f"{base}/users/1/card")["headline"].startswith("Countess")
 
         stats = http("GET", f"{base}/_stats")
@@ -169,5 +194,7 @@ def test_settings_default_to_sqlite_and_an_embedded_redis_shared_with_children(
     monkeypatch.setenv("REDIS_URL", "redis://example.invalid:1/0")
     monkeypatch.setenv("BROKER_URL", "redis://broker.invalid:1/0")
     loaded = settings.load()
-    assert (loaded.redis_url, loaded.broker_url) == ("redis://example.invalid:1/0",
-                                                     "redis://broker.invalid:1/0")
+    assert (loaded.redis_url, loaded.broker_url) == (
+        "redis://example.invalid:1/0",
+        "redis://broker.invalid:1/0",
+    )

@@ -108,8 +108,19 @@ def fetch_sdist(python: Path, dist: str, version: str) -> Path:
         # --no-binary for this one distribution only: ":all:" would also build the sdist's
         # build requirements (Cython...) from source, which takes minutes.
         subprocess.run(
-            [python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", dist,
-             f"{dist}=={version}", "-d", download],
+            [
+                python,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                dist,
+                f"{dist}=={version}",
+                "-d",
+                download,
+            ],
             check=True,
         )
         archives = sorted(download.glob("*.tar.gz"))
@@ -148,9 +159,16 @@ def run_pytest(
     # Test paths among the extra arguments replace the suite's default ones.
     chosen = any((cwd / a.split("::")[0]).exists() for a in args if not a.startswith("-"))
     cmd = [
-        str(python), "-m", "pytest",
-        *(() if chosen else suite.test_paths), *suite.pytest_args,
-        *plugin, f"--junitxml={junit}", "-p", "no:cacheprovider", *args,
+        str(python),
+        "-m",
+        "pytest",
+        *(() if chosen else suite.test_paths),
+        *suite.pytest_args,
+        *plugin,
+        f"--junitxml={junit}",
+        "-p",
+        "no:cacheprovider",
+        *args,
     ]
     source = source_fingerprint()
     print(f"\n== {mode}: {' '.join(cmd)}\n   (in {cwd}; log {log})", flush=True)
@@ -196,8 +214,9 @@ def node_id(classname: str, name: str, root: Path) -> str:
 def source_fingerprint() -> str:
     """Which hybridinval ran: the git HEAD and a hash of the working tree's hybridinval/*.py
     (others may be editing it while a suite runs)."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     digest = hashlib.sha256()
     for path in sorted((REPO / "hybridinval").glob("*.py")):
         digest.update(path.read_bytes())
@@ -225,8 +244,15 @@ def cause(outcome: Outcome) -> str:
     """A grouping key: the exception line plus the innermost hybridinval/upstream frame."""
     lines = [line for line in outcome.text.splitlines() if line.strip()]
     exception = next(
-        (line.strip() for line in reversed(lines) if re.match(r"^\s*[\w.]+(Error|Exception|"
-                                                              r"Warning|Exit|Failed)\b", line)),
+        (
+            line.strip()
+            for line in reversed(lines)
+            if re.match(
+                r"^\s*[\w.]+(Error|Exception|"
+                r"Warning|Exit|Failed)\b",
+                line,
+            )
+        ),
         outcome.message.splitlines()[0] if outcome.message else outcome.status,
     )
     exception = re.sub(r"0x[0-9a-f]+", "0x…", exception)[:200]
@@ -238,8 +264,9 @@ def cause(outcome: Outcome) -> str:
     if ours:
         where = f"{Path(ours[-1]['file']).name}:{ours[-1]['func']}"
     else:
-        where = "no hybridinval frame" + (f"; {Path(frames[-1]['file']).name}:"
-                                          f"{frames[-1]['func']}" if frames else "")
+        where = "no hybridinval frame" + (
+            f"; {Path(frames[-1]['file']).name}:{frames[-1]['func']}" if frames else ""
+        )
     return f"{exception}  @ {where}"
 
 
@@ -312,10 +339,13 @@ def summarize(
     if extra_sql_only is not None:
         kinds: dict[str, int] = {}
         for nodeid in extra:
-            kinds[cause(found[nodeid]).split("  @ ")[0]] = kinds.get(
-                cause(found[nodeid]).split("  @ ")[0], 0) + 1
-        print(f"\n{len(extra)} of the {len(found)} regressions differ only by hybridinval's own "
-              f"statements (they pass when those are hidden from the engine's listeners):")
+            kinds[cause(found[nodeid]).split("  @ ")[0]] = (
+                kinds.get(cause(found[nodeid]).split("  @ ")[0], 0) + 1
+            )
+        print(
+            f"\n{len(extra)} of the {len(found)} regressions differ only by hybridinval's own "
+            f"statements (they pass when those are hidden from the engine's listeners):"
+        )
         for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f"    [{count}] {kind[:200]}")
     print(f"\n{len(found)} regressions ({len(unexpected)} not allowed); full list: {report}")
@@ -341,11 +371,18 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--db", choices=suite.dbs, default=suite.dbs[0])
     parser.add_argument("--mode", choices=("both", "plain", "installed"), default="both")
-    parser.add_argument("--venv", type=Path, default=REPO / ".venv",
-                        help="the virtualenv whose Python (and library version) runs the tests")
-    parser.add_argument("--reuse-plain", action="store_true",
-                        help="reuse the cached plain results of an earlier run with the same "
-                        "version, database and pytest arguments")
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=REPO / ".venv",
+        help="the virtualenv whose Python (and library version) runs the tests",
+    )
+    parser.add_argument(
+        "--reuse-plain",
+        action="store_true",
+        help="reuse the cached plain results of an earlier run with the same "
+        "version, database and pytest arguments",
+    )
     parser.add_argument("--allowlist", type=Path, default=ALLOWLIST)
     parser.add_argument("--report", type=Path, help="where to write the full regression list")
     options, pytest_args = parser.parse_known_args(argv)
@@ -364,8 +401,9 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
         if options.mode not in ("both", mode):
             continue
         if mode == "plain" and options.reuse_plain and _cached(cached, args):
-            runs[mode] = Run(mode, 0, 0.0, parse_junit(_with(cached, ".xml"), source),
-                             _with(cached, ".log"))
+            runs[mode] = Run(
+                mode, 0, 0.0, parse_junit(_with(cached, ".xml"), source), _with(cached, ".log")
+            )
             print(f"\n== plain: reusing {_with(cached, '.xml')}")
             continue
         stem = results / mode
@@ -386,19 +424,29 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
     if found and suite.quiet_env and runs["installed"].problem() is None:
         # Each regression again, installed, with hybridinval's reads hidden from listeners.
         selectors = sorted({_selector(nodeid) for nodeid in found})
-        quiet = run_pytest(python, suite, source, "quiet", [*args, *selectors],
-                           results / "quiet", {suite.quiet_env: "1"})
-        extra_sql_only = {n for n in found if quiet.outcomes.get(n, Outcome("missing")).status
-                          == "passed"}
-    return summarize(runs["plain"], runs["installed"], load_allowlist(options.allowlist), report,
-                     extra_sql_only)
+        quiet = run_pytest(
+            python,
+            suite,
+            source,
+            "quiet",
+            [*args, *selectors],
+            results / "quiet",
+            {suite.quiet_env: "1"},
+        )
+        extra_sql_only = {
+            n for n in found if quiet.outcomes.get(n, Outcome("missing")).status == "passed"
+        }
+    return summarize(
+        runs["plain"], runs["installed"], load_allowlist(options.allowlist), report, extra_sql_only
+    )
 
 
 def _selector(nodeid: str) -> str:
     """A node id pytest can select: SQLAlchemy's plugin names each test class after the backend
     it runs on (``FooTest_sqlite+pysqlite_3_40_1``) but selects it by its own name."""
-    return re.sub(r"(::[A-Za-z_]\w*?)_(sqlite|postgresql|mysql|mariadb|oracle|mssql)\+[^:]*",
-                  r"\1", nodeid)
+    return re.sub(
+        r"(::[A-Za-z_]\w*?)_(sqlite|postgresql|mysql|mariadb|oracle|mssql)\+[^:]*", r"\1", nodeid
+    )
 
 
 def _with(stem: Path, suffix: str) -> Path:

@@ -48,9 +48,7 @@ class Tracker:
 
         try:
             attrs = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
-            template = f"{cls.__module__}.{cls.__qualname__}:" + ":".join(
-                f"{{{a}}}" for a in attrs
-            )
+            template = f"{cls.__module__}.{cls.__qualname__}:" + ":".join(f"{{{a}}}" for a in attrs)
             track(cls, keys=[template])
         except Exception as exc:  # a PK without a column attribute, a non-Column PK...
             reason = f"{type(exc).__name__}: {str(exc).split(':')[0][:120]}"

@@ -42,8 +42,11 @@ def prepare_postgresql(url: str) -> None:
     base, _, name = url.replace("+psycopg", "").rpartition("/")
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'utf8' TEMPLATE template0").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} ENCODING 'utf8' TEMPLATE template0").format(
+                    sql.Identifier(name)
+                )
+            )
         prepared = conn.execute("SHOW max_prepared_transactions").fetchone()
         if prepared and prepared[0] == "0":
             print("note: max_prepared_transactions = 0, two-phase tests are skipped")
@@ -51,10 +54,14 @@ def prepare_postgresql(url: str) -> None:
         for schema in ("test_schema", "test_schema_2"):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         for extension in ("hstore", "citext"):
-            conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(
-                sql.Identifier(extension)))
-        conn.execute(sql.SQL("ALTER DATABASE {} SET default_text_search_config = "
-                             "'pg_catalog.english'").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(extension))
+            )
+        conn.execute(
+            sql.SQL(
+                "ALTER DATABASE {} SET default_text_search_config = 'pg_catalog.english'"
+            ).format(sql.Identifier(name))
+        )
 
 
 SUITE = Suite(

@@ -23,8 +23,9 @@ from .settings import load
 
 settings = load()
 
-app = Celery("workers", broker=settings.broker_url, backend=settings.broker_url,
-             include=["workers.tasks"])
+app = Celery(
+    "workers", broker=settings.broker_url, backend=settings.broker_url, include=["workers.tasks"]
+)
 app.conf.update(
     task_default_queue=f"{settings.namespace}.tasks",
     worker_prefetch_multiplier=1,

@@ -26,12 +26,14 @@ def _now() -> datetime:
 
 class Base(DeclarativeBase):
     # Named constraints, so that migrations can drop them by name on every database.
-    metadata = MetaData(naming_convention={
-        "ix": "ix_%(column_0_label)s",
-        "uq": "uq_%(table_name)s_%(column_0_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    })
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
 
 
 class User(Base):
@@ -49,8 +51,13 @@ class User(Base):
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 - SQLAlchemy's own protocol
 
     def to_dict(self) -> dict[str, object]:
-        return {"id": self.id, "email": self.email, "name": self.name, "bio": self.bio,
-                "version": self.version}
+        return {
+            "id": self.id,
+            "email": self.email,
+            "name": self.name,
+            "bio": self.bio,
+            "version": self.version,
+        }
 
 
 class Card(Base):
@@ -66,8 +73,11 @@ class Card(Base):
     refreshed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     def to_dict(self) -> dict[str, object]:
-        return {"user_id": self.user_id, "headline": self.headline,
-                "user_version": self.user_version}
+        return {
+            "user_id": self.user_id,
+            "headline": self.headline,
+            "user_version": self.user_version,
+        }
 
 
 def user_key(user_id: int) -> str:

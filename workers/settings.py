@@ -53,8 +53,11 @@ def redis_url() -> str:
 
         server = EmbeddedRedis.start()  # stopped at this process's exit
         os.environ["REDIS_URL"] = server.url
-        log.info("REDIS_URL not set: started an embedded Redis at %s (pid %d owns it)",
-                 server.url, os.getpid())
+        log.info(
+            "REDIS_URL not set: started an embedded Redis at %s (pid %d owns it)",
+            server.url,
+            os.getpid(),
+        )
         return server.url
 
 

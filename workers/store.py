@@ -128,17 +128,23 @@ def runtime(role: str = "web", cache: Callable[[], HybridCache] | None = None) -
         owns = cache is None
         the_cache = (
             # The example reports its L1 hit ratio, so it asks for hits to be counted.
-            HybridCache.from_url(settings.redis_url, namespace=settings.namespace,
-                                 count_hits=True)
-            if cache is None else cache()
+            HybridCache.from_url(settings.redis_url, namespace=settings.namespace, count_hits=True)
+            if cache is None
+            else cache()
         )
         Sessions = sessionmaker(engine, expire_on_commit=False)
-        current = Runtime(settings, engine, Sessions, the_cache, install(Sessions, the_cache),
-                          role, owns)
+        current = Runtime(
+            settings, engine, Sessions, the_cache, install(Sessions, the_cache), role, owns
+        )
         _runtime = current
     atexit.register(_close_at_exit, current)
-    log.info("%s runtime in pid %d: cache instance %s, database %s", role, current.pid,
-             the_cache.instance_id, engine.url.render_as_string(hide_password=True))
+    log.info(
+        "%s runtime in pid %d: cache instance %s, database %s",
+        role,
+        current.pid,
+        the_cache.instance_id,
+        engine.url.render_as_string(hide_password=True),
+    )
     return current
 
 
@@ -171,10 +177,14 @@ def publish_stats(current: Runtime) -> None:
     import redis
 
     try:
-        with redis.Redis.from_url(current.settings.redis_url, socket_timeout=2,
-                                  socket_connect_timeout=2) as client:
-            client.hset(stats_key(current.settings), f"{current.role}:{current.pid}",
-                        json.dumps(current.stats()))
+        with redis.Redis.from_url(
+            current.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        ) as client:
+            client.hset(
+                stats_key(current.settings),
+                f"{current.role}:{current.pid}",
+                json.dumps(current.stats()),
+            )
             client.expire(stats_key(current.settings), 86400)
     except Exception as exc:
         log.warning("could not publish the stats of pid %d: %s", current.pid, exc)
@@ -194,8 +204,12 @@ def read_user(rt: Runtime, user_id: int) -> dict[str, Any]:
 
         value = rt.cache.for_session(session).get_or_set(user_key(user_id), load)
     rt.counters["reads"] += 1
-    return {"user": value, "started_ns": started_ns, "pid": rt.pid,
-            "instance_id": rt.cache.instance_id}
+    return {
+        "user": value,
+        "started_ns": started_ns,
+        "pid": rt.pid,
+        "instance_id": rt.cache.instance_id,
+    }
 
 
 def read_card(rt: Runtime, user_id: int) -> dict[str, Any] | None:

@@ -39,10 +39,16 @@ def read_card(user_id: int) -> dict[str, Any] | None:
 
 
 @app.task(name="workers.update_user")
-def update_user(user_id: int, name: str | None = None, bio: str | None = None,
-                refresh: bool = True) -> dict[str, Any] | None:
-    return store.update_user(task_runtime(), user_id, name=name, bio=bio,
-                             on_commit=enqueue_refresh(user_id) if refresh else None)
+def update_user(
+    user_id: int, name: str | None = None, bio: str | None = None, refresh: bool = True
+) -> dict[str, Any] | None:
+    return store.update_user(
+        task_runtime(),
+        user_id,
+        name=name,
+        bio=bio,
+        on_commit=enqueue_refresh(user_id) if refresh else None,
+    )
 
 
 @app.task(name="workers.refresh_card")

@@ -71,8 +71,9 @@ def update_user(user_id: int) -> ResponseReturnValue:
     ):
         abort(400)
     refresh = bool(body.get("refresh", True))
-    result = store.update_user(_rt(), user_id, name=name, bio=bio,
-                               on_commit=enqueue_refresh(user_id) if refresh else None)
+    result = store.update_user(
+        _rt(), user_id, name=name, bio=bio, on_commit=enqueue_refresh(user_id) if refresh else None
+    )
     if result is None:
         abort(404)
     return jsonify(result)

@@ -71,8 +71,10 @@ def make_cache() -> HybridCache:
     if delay:
         time.sleep(delay)  # a misbehaving factory, for the test that shows the limit bites
     return HybridCache.from_url(
-        os.environ["HI_TEST_CACHE_URL"], namespace=os.environ["HI_TEST_NAMESPACE"],
-        count_hits=True, **FAST
+        os.environ["HI_TEST_CACHE_URL"],
+        namespace=os.environ["HI_TEST_NAMESPACE"],
+        count_hits=True,
+        **FAST,
     )
 
 
@@ -86,8 +88,9 @@ if os.environ.get("HI_TEST_PARENT_CACHE_URL"):
         os.environ["HI_TEST_PARENT_CACHE_URL"], namespace=os.environ["HI_TEST_NAMESPACE"], **FAST
     )
     parent_cache.wait_until_subscribed(10)  # its subscriber thread really runs before the fork
-    logging.getLogger("hi_test").warning("parent cache instance %s in pid %d",
-                                         parent_cache.instance_id, os.getpid())
+    logging.getLogger("hi_test").warning(
+        "parent cache instance %s in pid %d", parent_cache.instance_id, os.getpid()
+    )
 
 _sessions: dict[int, sessionmaker[Session]] = {}
 _sessions_lock = threading.Lock()
@@ -116,8 +119,9 @@ def _whoami(cache: HybridCache) -> dict[str, Any]:
         "l1_hits": stats["l1_hits"],
         "invalidations_received": stats["invalidations_received"],
         "opened_at": integration_opened_at(),
-        "sub_threads": sum(1 for t in threading.enumerate()
-                           if t.name.startswith("hybridinval-sub")),
+        "sub_threads": sum(
+            1 for t in threading.enumerate() if t.name.startswith("hybridinval-sub")
+        ),
         "threads": threading.active_count(),
     }
 
@@ -151,6 +155,7 @@ def read_item(item_id: int, sleep: float = 0.0) -> dict[str, Any]:
         time.sleep(sleep)
     cache = hybrid_celery.current_cache()
     with session_factory()() as session:
+
         def load() -> dict[str, Any] | None:
             item = session.get(Item, item_id)
             return None if item is None else {"name": item.name, "version": item.version}

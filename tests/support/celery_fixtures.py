@@ -31,8 +31,7 @@ def broker(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
 
 @pytest.fixture
 def client(broker: RedisServer, namespace: str) -> Iterator[Celery]:
-    app = Celery(f"client-{namespace}", broker=broker.url, backend=broker.url,
-                 set_as_current=False)
+    app = Celery(f"client-{namespace}", broker=broker.url, backend=broker.url, set_as_current=False)
     app.conf.task_default_queue = namespace
     try:
         yield app
@@ -41,13 +40,16 @@ def client(broker: RedisServer, namespace: str) -> Iterator[Celery]:
 
 
 @pytest.fixture
-def start_worker(
-    tmp_path: Path, broker: RedisServer, namespace: str
-) -> Iterator[StartWorker]:
+def start_worker(tmp_path: Path, broker: RedisServer, namespace: str) -> Iterator[StartWorker]:
     workers: list[CeleryWorker] = []
 
-    def start(cache_url: str, pool: str = "prefork", concurrency: int = 2,
-              extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> CeleryWorker:
+    def start(
+        cache_url: str,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> CeleryWorker:
         worker = CeleryWorker(
             "support.celery_app",
             env={
@@ -78,8 +80,11 @@ def tagged(url: str, namespace: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}client_name=hi-{namespace}"
 
 
-def run(client: Celery, worker: CeleryWorker, calls: Sequence[tuple[str, tuple[Any, ...],
-        dict[str, Any]]]) -> list[dict[str, Any]]:
+def run(
+    client: Celery,
+    worker: CeleryWorker,
+    calls: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]],
+) -> list[dict[str, Any]]:
     """Send every call at once, then collect the results (in order)."""
     pending = [client.send_task(name, args, kwargs) for name, args, kwargs in calls]
     try:
@@ -88,8 +93,9 @@ def run(client: Celery, worker: CeleryWorker, calls: Sequence[tuple[str, tuple[A
         raise AssertionError(f"tasks failed: {exc!r}\nworker log:\n{worker.log_tail()}") from exc
 
 
-def probes(n: int, key: str = "k", **kwargs: Any) -> list[tuple[str, tuple[Any, ...],
-                                                              dict[str, Any]]]:
+def probes(
+    n: int, key: str = "k", **kwargs: Any
+) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
     return [("hi_test.probe", (key,), kwargs)] * n
 
 

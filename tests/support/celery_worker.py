@@ -94,8 +94,13 @@ class Spawned(ClosesOnExit):
         full_env["PYTHONUNBUFFERED"] = "1"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            list(args), env=full_env, cwd=cwd or REPO_ROOT, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            list(args),
+            env=full_env,
+            cwd=cwd or REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.pid = self.proc.pid  # also the process group id (start_new_session)
         self.exit_code: int | None = None
@@ -149,7 +154,6 @@ class Spawned(ClosesOnExit):
             if not self._log.closed:
                 self._log.close()
 
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} pid={self.pid} alive={self.alive()}>"
 
@@ -171,13 +175,26 @@ class CeleryWorker(Spawned):
         extra_pythonpath: Sequence[Path] = (TESTS_DIR,),
     ) -> None:
         args = [
-            sys.executable, "-m", "celery", "-A", app, "worker",
-            "-P", pool, "-c", str(concurrency),
-            "--loglevel", "INFO",
-            "--without-heartbeat", "--without-gossip", "--without-mingle",
-            "-n", f"w{os.getpid()}-{time.monotonic_ns()}@%h",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"w{os.getpid()}-{time.monotonic_ns()}@%h",
             *(["-Q", queues] if queues else []),
             *extra_args,
         ]
-        super().__init__(args, env=env, log_path=log_path, cwd=cwd,
-                         extra_pythonpath=extra_pythonpath)
+        super().__init__(
+            args, env=env, log_path=log_path, cwd=cwd, extra_pythonpath=extra_pythonpath
+        )

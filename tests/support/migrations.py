@@ -38,6 +38,12 @@ def alembic(database_url: str, *args: str) -> None:
     """Run ``alembic *args`` from the repository root against ``database_url``."""
     env = {**os.environ, "DATABASE_URL": database_url}
     env.pop("REDIS_URL", None)  # migrating must not need (or start) Redis
-    done = subprocess.run([sys.executable, "-m", "alembic", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"alembic {' '.join(args)} failed:\n{done.stderr}"

@@ -22,7 +22,8 @@ def l1_reader(url: str, namespace: str, key: str, conn: Connection) -> None:
             pass  # spin: we are measuring sub-millisecond delivery
         evicted_ns = time.time_ns()
         stats = cache.stats()
-        conn.send(("evicted", key not in cache.l1.entries, evicted_ns - started_ns, stats,
-                   cache.get(key)))
+        conn.send(
+            ("evicted", key not in cache.l1.entries, evicted_ns - started_ns, stats, cache.get(key))
+        )
     finally:
         cache.close()

@@ -383,7 +383,6 @@ class TcpProxy(ClosesOnExit):
                 if thread is not threading.current_thread():
                     thread.join(max(0.0, deadline - time.monotonic()))
 
-
     def __repr__(self) -> str:
         host, port = self.target
         return f"<TcpProxy {self.host}:{self.port} -> {host}:{port}>"

@@ -40,9 +40,7 @@ def slow_loader_reader(
         with factory() as session:
 
             def loader() -> str:
-                name: str = session.execute(
-                    select(User.name).where(User.id == 1)
-                ).scalar_one()
+                name: str = session.execute(select(User.name).where(User.id == 1)).scalar_one()
                 loaded.set()
                 if not go.wait(60):
                     raise TimeoutError("parent never said go")
@@ -68,8 +66,15 @@ def slow_loader_reader(
 
 
 def soak_writer(
-    redis_url: str, namespace: str, db: DbSpec, rows: int, commits: int, seed: int,
-    ready: Event, start: Event, out_path: str,
+    redis_url: str,
+    namespace: str,
+    db: DbSpec,
+    rows: int,
+    commits: int,
+    seed: int,
+    ready: Event,
+    start: Event,
+    out_path: str,
 ) -> None:
     """Commit ``commits`` random updates to ``rows`` items, with rolled-back savepoints and
     rolled-back transactions mixed in; log (row, value, time before commit(), time commit()
@@ -113,10 +118,15 @@ def soak_writer(
             if seq % 8 == 0:
                 time.sleep(0.002)  # let the readers run on a 2-core machine
         stats = cache.stats()
-        Path(out_path).write_text(json.dumps({
-            "commits": log, "rolled_back": rolled_back, "publish_failures":
-            stats["publish_failures"],
-        }))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "commits": log,
+                    "rolled_back": rolled_back,
+                    "publish_failures": stats["publish_failures"],
+                }
+            )
+        )
     finally:
         installation.uninstall()
         cache.close()
@@ -124,8 +134,16 @@ def soak_writer(
 
 
 def soak_reader(
-    redis_url: str, namespace: str, db: DbSpec, rows: int, seed: int,
-    ready: Event, start: Event, writer_done: Event, settled: Event, out_path: str,
+    redis_url: str,
+    namespace: str,
+    db: DbSpec,
+    rows: int,
+    seed: int,
+    ready: Event,
+    start: Event,
+    writer_done: Event,
+    settled: Event,
+    out_path: str,
 ) -> None:
     """Loop get_or_set over the items until the writer is done; log every read as
     (row, value, start, end); after the settle signal, dump L1 and the backplane stats."""
@@ -158,9 +176,15 @@ def soak_reader(
         if not settled.wait(60):
             raise TimeoutError("no settle signal")
         l1 = {k: e[0] for k, e in list(cache.l1.entries.items())}
-        Path(out_path).write_text(json.dumps({
-            "reads": reads, "l1": l1, "stats": cache.stats(),
-        }))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "reads": reads,
+                    "l1": l1,
+                    "stats": cache.stats(),
+                }
+            )
+        )
     finally:
         installation.uninstall()
         cache.close()
