@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Stamp: reinstall (and rebuild the C hit path) when the build inputs change, not on every run.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test bench demo
+.PHONY: venv lint typecheck test test-fast bench demo
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ typecheck: venv
 # tests collected") must fail make, and therefore CI.
 test: venv lint typecheck
 	$(BIN)/pytest -q
+
+# Everything but the tests marked slow (real workers, gunicorn, the soak, the demo, the
+# benchmark harness): for the edit-test loop. CI runs `make test`.
+test-fast: venv lint typecheck
+	$(BIN)/pytest -q -m "not slow"
 
 bench: venv
 	$(BIN)/python -m benchmarks
@@ -94,9 +99,7 @@ $(VENV_SA20)/.installed: pyproject.toml setup.py hybridinval/_speedups.c upstrea
 # Our own SQLAlchemy tests (and the README's examples) on SQLAlchemy 2.0, hybridinval from the
 # source tree.
 test-sa20: venv-sa20
-	PYTHONPATH=$(CURDIR) $(VENV_SA20)/bin/pytest -q tests/test_sqlalchemy_commit.py \
-	  tests/test_sqlalchemy_read.py tests/test_sqlalchemy_uow.py tests/test_sqlalchemy_async.py \
-	  tests/test_sqlalchemy_transparency.py tests/test_sqlalchemy_soak.py tests/test_readme.py
+	PYTHONPATH=$(CURDIR) $(VENV_SA20)/bin/pytest -q tests/sqlalchemy tests/deployment/test_readme.py
 
 test-sqlalchemy-sa20: venv-sa20 $(UPSTREAM_DEPS)
 	rc=0; for db in sqlite postgresql; do \

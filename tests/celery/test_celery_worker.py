@@ -31,6 +31,8 @@ from support.waiting import wait_until
 
 from hybridinval import HybridCache
 
+pytestmark = pytest.mark.slow  # real Celery workers
+
 # The shared fixtures, made visible to pytest in this module.
 broker = celery_fixtures.broker
 client = celery_fixtures.client

@@ -31,6 +31,8 @@ from support.sa_procs import soak_reader, soak_writer
 
 from hybridinval import HybridCache
 
+pytestmark = pytest.mark.slow  # a multi-process soak
+
 ROWS = 100
 COMMITS = 1000
 READERS = 3

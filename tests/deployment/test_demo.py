@@ -22,6 +22,8 @@ import pytest
 from support.celery_worker import descendants, group_members, pid_alive
 from support.repo import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # the whole demo
+
 DURATION_S = 4
 
 

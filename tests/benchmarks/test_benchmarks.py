@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the benchmarks package
 
 from benchmarks.__main__ import parse_args, workload_config
 from benchmarks.staleness import WriteLog, find_stale, stale_by_phase
 from benchmarks.workload import WorkerPool, WorkloadConfig, run_contender
+
+pytestmark = pytest.mark.slow  # the benchmark harness
 
 MS = 1_000_000
 

@@ -27,6 +27,8 @@ from support.migrations import alembic, private_schema
 from support.repo import REPO_ROOT
 from support.waiting import wait_until
 
+pytestmark = pytest.mark.slow  # gunicorn and Celery processes
+
 DELTA_S = 0.05
 
 

@@ -30,6 +30,8 @@ from support.celery_fixtures import StartWorker, run, tagged
 from hybridinval import HybridCache
 from hybridinval.sqlalchemy import install
 
+pytestmark = pytest.mark.slow  # real Celery workers
+
 broker = celery_fixtures.broker
 client = celery_fixtures.client
 start_worker = celery_fixtures.start_worker
