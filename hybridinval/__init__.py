@@ -12,9 +12,15 @@ from ._l2 import L2Store, RedisL2
 from .errors import (
     BackendUnavailableError,
     CacheClosedError,
+    CorruptPayloadError,
     HybridInvalError,
+    MissingExtraError,
+    NoWorkerCacheError,
     SerializationError,
+    SessionNotInstalledError,
+    SQLAlchemyIntegrationError,
     TransactionStateError,
+    UntrackableRowError,
 )
 from .serializers import JsonSerializer, PickleSerializer, Serializer
 
@@ -22,6 +28,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "BackendUnavailableError",
     "CacheClosedError",
+    "CorruptPayloadError",
     "EmbeddedRedis",
     "HybridCache",
     "HybridInvalError",
@@ -29,14 +36,19 @@ __all__ = [
     "L1Store",
     "L2Store",
     "MemoryL1",
+    "MissingExtraError",
+    "NoWorkerCacheError",
     "NullL1",
     "PickleSerializer",
     "RedisL2",
     "RedisPubSubTransport",
+    "SQLAlchemyIntegrationError",
     "SerializationError",
     "Serializer",
+    "SessionNotInstalledError",
     "TransactionStateError",
     "Transport",
+    "UntrackableRowError",
 ]
 
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._cache import HybridCache
-from .errors import HybridInvalError
+from .errors import NoWorkerCacheError
 
 __all__ = ["CeleryIntegration", "NoWorkerCacheError", "current_cache", "install"]
 
@@ -67,10 +67,6 @@ CacheFactory = Callable[[], HybridCache]
 
 SLOW_FACTORY_WARNING_S = 1.0
 """A factory slower than this is logged: Celery kills a child whose init takes over 4 s."""
-
-
-class NoWorkerCacheError(HybridInvalError, RuntimeError):
-    """:func:`current_cache` was called in a process where the integration opened no cache."""
 
 
 class _ProcessCache:

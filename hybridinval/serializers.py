@@ -17,6 +17,8 @@ import json
 import pickle
 from typing import Any, Protocol, runtime_checkable
 
+from .errors import CorruptPayloadError
+
 __all__ = [
     "CorruptPayloadError",
     "JsonSerializer",
@@ -24,10 +26,6 @@ __all__ = [
     "Serializer",
     "get_serializer",
 ]
-
-
-class CorruptPayloadError(ValueError):
-    """Bytes read from L2 are not a payload this serializer wrote (or were tampered with)."""
 
 
 @runtime_checkable

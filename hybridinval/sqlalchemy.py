@@ -112,7 +112,12 @@ from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.expression import CTE, BindParameter, ClauseElement, UpdateBase
 
-from .errors import HybridInvalError, TransactionStateError
+from .errors import (
+    SessionNotInstalledError,
+    SQLAlchemyIntegrationError,
+    TransactionStateError,
+    UntrackableRowError,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import SessionTransaction
@@ -121,7 +126,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Installation",
+    "SQLAlchemyIntegrationError",
     "SessionCache",
+    "SessionNotInstalledError",
+    "TransactionStateError",
+    "UntrackableRowError",
     "enqueue_on_commit",
     "install",
     "invalidate_on_commit",
@@ -802,7 +811,7 @@ def _old_values(
 
     def pk() -> Sequence[Any]:
         if state.identity is None:
-            raise HybridInvalError(f"cannot read old key fields of {state.obj()!r}: no identity")
+            raise UntrackableRowError(f"cannot read old key fields of {state.obj()!r}: no identity")
         return state.identity
 
     return _key_fields(specs, known, mapper, connection, pk)
@@ -1709,7 +1718,7 @@ def _open_unit_of_work(session: Any, caller: str) -> tuple[Session, _UnitOfWork]
     sync = _sync_session(session)
     uow = _uow_for(sync)
     if uow is None:
-        raise HybridInvalError(
+        raise SessionNotInstalledError(
             f"{caller}: this session's class is not installed; call "
             f"hybridinval.sqlalchemy.install(session_factory, cache) first, or nothing would "
             f"ever be published"
@@ -1739,7 +1748,7 @@ class SessionCache:
         self.session = _sync_session(session)
         uow = _uow_for(self.session)
         if uow is None:
-            raise HybridInvalError(
+            raise SessionNotInstalledError(
                 "for_session(): this session's class is not installed, so its flushed but "
                 "uncommitted changes are invisible to hybridinval; call "
                 "hybridinval.sqlalchemy.install(session_factory, cache) first"

@@ -21,13 +21,12 @@ def test_all_is_complete_and_importable() -> None:
         assert getattr(hybridinval, name) is not None
 
 
-def test_every_error_is_a_hybridinval_error() -> None:
-    for name in (
-        "BackendUnavailableError",
-        "SerializationError",
-        "CacheClosedError",
-        "TransactionStateError",
-    ):
+def test_every_error_is_a_hybridinval_error_and_exported() -> None:
+    import hybridinval.errors as errors
+
+    assert len(errors.__all__) >= 11
+    for name in errors.__all__:
+        assert name in hybridinval.__all__
         assert issubclass(getattr(hybridinval, name), hybridinval.HybridInvalError)
 
 

@@ -16,7 +16,8 @@ from support.sa_procs import slow_loader_reader
 from support.sa_spy import Publishes
 from support.waiting import wait_until
 
-from hybridinval import HybridCache, HybridInvalError
+from hybridinval import HybridCache
+from hybridinval.errors import SessionNotInstalledError
 from hybridinval.sqlalchemy import install, invalidate_on_commit
 
 pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
@@ -125,7 +126,7 @@ def test_keys_without_pending_changes_are_still_cached(
 
 
 def test_for_session_needs_an_installed_session(engine: Engine, cache: HybridCache) -> None:
-    with Session(engine) as s, pytest.raises(HybridInvalError, match="not installed"):
+    with Session(engine) as s, pytest.raises(SessionNotInstalledError, match="not installed"):
         cache.for_session(s)
 
 
