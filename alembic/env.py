@@ -1,8 +1,9 @@
 """Alembic environment for the example deployment's schema (``workers.models``).
 
-The database is ``DATABASE_URL`` (default ``sqlite:///workers.db``), unless a caller that runs
-migrations programmatically passes a URL (``config.set_main_option("sqlalchemy.url", ...)``) or
-an open connection (``config.attributes["connection"]``).
+The database is ``HYBRIDINVAL_DATABASE_URL`` (default ``sqlite:///workers.db``), unless a
+caller that runs migrations programmatically passes a URL
+(``config.set_main_option("sqlalchemy.url", ...)``) or an open connection
+(``config.attributes["connection"]``).
 
 This file must never start a cache or a Redis server: migrating needs only the database.
 """

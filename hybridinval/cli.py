@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run web processes and a Celery worker on embedded Redis and SQLite, drive a "
         "workload, and check that no read was stale",
         description="Runs the example deployment (workers/) on this machine: an embedded Redis "
-        "and a temporary SQLite database unless REDIS_URL/DATABASE_URL are set, "
+        "and a temporary SQLite database unless HYBRIDINVAL_REDIS_URL/HYBRIDINVAL_DATABASE_URL "
+        "are set, "
         "2 web processes and a Celery worker with 2 children; drives reads and "
         "committed updates, then prints per-process stats. Exits 1 on any stale "
         "read.",

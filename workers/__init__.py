@@ -3,9 +3,10 @@
 Read the modules in this order:
 
 ``settings``
-    Configuration from the environment (``DATABASE_URL``, ``REDIS_URL``, ``BROKER_URL``,
-    ``HYBRIDINVAL_NAMESPACE``). With nothing set it runs anywhere: a SQLite file and an embedded
-    Redis that the first process starts and exports to the processes it starts.
+    Configuration from the environment (``HYBRIDINVAL_DATABASE_URL``, ``HYBRIDINVAL_REDIS_URL``,
+    ``HYBRIDINVAL_BROKER_URL``, ``HYBRIDINVAL_NAMESPACE``). With nothing set it runs anywhere: a
+    SQLite file and an embedded Redis that the first process starts and exports to the processes
+    it starts.
 ``models``
     ``User`` (a profile, with a version bumped on every committed update) and ``Card`` (derived
     from a user by a task), both tracked: their commits publish ``user:{id}`` / ``card:{user_id}``.

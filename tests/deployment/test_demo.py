@@ -1,5 +1,6 @@
-"""``hybridinval demo`` end to end, as a user on a fresh machine runs it: no REDIS_URL, no
-DATABASE_URL (embedded Redis, a temporary SQLite file), 2 web processes and a prefork worker.
+"""``hybridinval demo`` end to end, as a user on a fresh machine runs it: no
+HYBRIDINVAL_REDIS_URL, no HYBRIDINVAL_DATABASE_URL (embedded Redis, a temporary SQLite file), 2 web
+processes and a prefork worker.
 
 The demo runs in a session of its own; the test records every descendant it sees while the demo
 runs and checks that none outlives it, after a normal end and after a Ctrl-C.
@@ -35,7 +36,13 @@ class Demo:
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("REDIS_URL", "DATABASE_URL", "BROKER_URL", "HYBRIDINVAL_NAMESPACE")
+            if k
+            not in (
+                "HYBRIDINVAL_REDIS_URL",
+                "HYBRIDINVAL_DATABASE_URL",
+                "HYBRIDINVAL_BROKER_URL",
+                "HYBRIDINVAL_NAMESPACE",
+            )
         }
         env["PYTHONUNBUFFERED"] = "1"
         self.out_path = tmp_path / "demo.out"

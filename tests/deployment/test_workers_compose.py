@@ -59,7 +59,8 @@ def test_compose_file_is_valid_and_runs_the_whole_stack() -> None:
     for block in (web, worker):  # the app starts only on a migrated database
         assert "service_completed_successfully" in block
     for block in (web, worker, migrate):
-        assert "DATABASE_URL: postgresql" in block and "REDIS_URL: redis://" in block
+        assert "HYBRIDINVAL_DATABASE_URL: postgresql" in block
+        assert "HYBRIDINVAL_REDIS_URL: redis://" in block
         assert "dockerfile: Dockerfile" in block
 
 

@@ -74,9 +74,9 @@ def test_web_and_tasks_stay_coherent_on_postgresql(
 ) -> None:
     broker = redis_server_factory()
     env = {
-        "DATABASE_URL": pg_schema_url,
-        "REDIS_URL": redis_url,
-        "BROKER_URL": broker.url,
+        "HYBRIDINVAL_DATABASE_URL": pg_schema_url,
+        "HYBRIDINVAL_REDIS_URL": redis_url,
+        "HYBRIDINVAL_BROKER_URL": broker.url,
         "HYBRIDINVAL_NAMESPACE": namespace,
     }
     port = free_port()
@@ -177,13 +177,20 @@ def test_settings_default_to_sqlite_and_an_embedded_redis_shared_with_children(
     from hybridinval._embedded import EmbeddedRedis
     from workers import settings
 
-    for name in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "HYBRIDINVAL_NAMESPACE"):
+    for name in (
+        "HYBRIDINVAL_DATABASE_URL",
+        "HYBRIDINVAL_REDIS_URL",
+        "HYBRIDINVAL_BROKER_URL",
+        "HYBRIDINVAL_NAMESPACE",
+    ):
         monkeypatch.delenv(name, raising=False)
     loaded = settings.load()
     server = EmbeddedRedis._shared
     try:
         assert server is not None and loaded.redis_url == server.url
-        assert os.environ["REDIS_URL"] == server.url, "exported for the processes it starts"
+        assert os.environ["HYBRIDINVAL_REDIS_URL"] == server.url, (
+            "exported for the processes it starts"
+        )
         assert loaded.broker_url == loaded.redis_url
         assert loaded.database_url == "sqlite:///workers.db"
         assert loaded.namespace == "workers"
@@ -193,8 +200,8 @@ def test_settings_default_to_sqlite_and_an_embedded_redis_shared_with_children(
     finally:
         if server is not None:
             server.stop()
-    monkeypatch.setenv("REDIS_URL", "redis://example.invalid:1/0")
-    monkeypatch.setenv("BROKER_URL", "redis://broker.invalid:1/0")
+    monkeypatch.setenv("HYBRIDINVAL_REDIS_URL", "redis://example.invalid:1/0")
+    monkeypatch.setenv("HYBRIDINVAL_BROKER_URL", "redis://broker.invalid:1/0")
     loaded = settings.load()
     assert (loaded.redis_url, loaded.broker_url) == (
         "redis://example.invalid:1/0",

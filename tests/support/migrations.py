@@ -36,8 +36,8 @@ def private_schema(base_url: str, prefix: str) -> Iterator[str]:
 
 def alembic(database_url: str, *args: str) -> None:
     """Run ``alembic *args`` from the repository root against ``database_url``."""
-    env = {**os.environ, "DATABASE_URL": database_url}
-    env.pop("REDIS_URL", None)  # migrating must not need (or start) Redis
+    env = {**os.environ, "HYBRIDINVAL_DATABASE_URL": database_url}
+    env.pop("HYBRIDINVAL_REDIS_URL", None)  # migrating must not need (or start) Redis
     done = subprocess.run(
         [sys.executable, "-m", "alembic", *args],
         cwd=REPO_ROOT,
