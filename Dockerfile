@@ -7,10 +7,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, so that code changes do not reinstall them. The compiler is there only
-# for the C hit path (hybridinval._speedups), and the build fails if that did not compile.
-COPY pyproject.toml setup.py README.md ./
+# The package's build takes workers/ and alembic/ too (the wheel ships them for `hybridinval
+# demo`), so they are copied before the install. The compiler is there only for the C hit path
+# (hybridinval._speedups), and the build fails if that did not compile.
+COPY pyproject.toml setup.py README.md alembic.ini ./
 COPY hybridinval ./hybridinval
+COPY workers ./workers
+COPY alembic ./alembic
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install ".[deploy]" \
@@ -18,12 +21,9 @@ RUN apt-get update \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/*
 
-COPY workers ./workers
-COPY alembic ./alembic
-COPY alembic.ini ./
-
 RUN useradd --create-home --uid 10001 app
 USER app
 
+# The processes run workers/ from /app (gunicorn, celery and alembic put it on sys.path).
 EXPOSE 8000
-CMD ["gunicorn", "-c", "workers/gunicorn_conf.py", "workers.web:app"]
+CMD ["gunicorn", "-c", "python:workers.gunicorn_conf", "workers.web:app"]

@@ -1,30 +1,35 @@
-"""Alembic environment for the example deployment's schema (``workers.models``).
+"""Alembic environment for the example deployment's schema (its ``models``).
 
 The database is ``HYBRIDINVAL_DATABASE_URL`` (default ``sqlite:///workers.db``), unless a
 caller that runs migrations programmatically passes a URL
 (``config.set_main_option("sqlalchemy.url", ...)``) or an open connection
 (``config.attributes["connection"]``).
 
+The models come from the package named by the ``example_package`` option: ``workers`` in
+``alembic.ini`` (the repository's deployment), ``hybridinval.demo.example`` when the demo runs
+these same scripts from an installed wheel (it has no ``alembic.ini``).
+
 This file must never start a cache or a Redis server: migrating needs only the database.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from logging.config import fileConfig
 
 from sqlalchemy import Connection, create_engine, pool
 
 from alembic import context
-from workers.models import Base
-from workers.settings import database_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 log = logging.getLogger("alembic.env")
-target_metadata = Base.metadata
+example = config.get_main_option("example_package") or "workers"
+target_metadata = importlib.import_module(f"{example}.models").Base.metadata
+database_url = importlib.import_module(f"{example}.settings").database_url
 
 
 def _url() -> str:

@@ -14,8 +14,9 @@ Read the modules in this order:
     The reads (through ``cache.for_session``) and writes (through sessions) that web handlers and
     tasks share. Each process gets its own engine and cache (``runtime()``), built after fork.
 ``web``
-    A Flask JSON API served by gunicorn sync workers (``gunicorn -c workers/gunicorn_conf.py
-    workers.web:app``): ``GET /users/<id>``, ``PUT /users/<id>``, ``GET /_stats``.
+    A Flask JSON API served by gunicorn sync workers (``gunicorn -c
+    python:workers.gunicorn_conf workers.web:app``): ``GET /users/<id>``, ``PUT /users/<id>``,
+    ``GET /_stats``.
 ``celery_app`` and ``tasks``
     The Celery app with :func:`hybridinval.celery.install`, and tasks that read through the
     cache and write through sessions. A write sends ``refresh_card`` with
@@ -23,6 +24,11 @@ Read the modules in this order:
 
 ``alembic/`` at the repository root migrates the schema; ``docker-compose.yml`` runs it all;
 ``hybridinval demo`` runs it all on one machine and checks that no read was stale.
+
+The demo runs these very files: the wheel ships this package as ``hybridinval.demo.example``
+and ``alembic/`` as ``hybridinval.demo.migrations`` (``pyproject.toml``), so the modules import
+each other relatively, and name no package but their own (``__package__``). Nothing in the
+library imports them; only the demo runs them.
 
 This package must never hold a cache, engine or connection across ``fork`` (every process builds
 its own on first use), and never publish or send anything for a transaction that did not commit.

@@ -1,5 +1,8 @@
 """The Celery app of the example deployment: ``celery -A workers.celery_app worker``.
 
+Its tasks have explicit names (``workers.read_user``, ...), the same whether the package is
+imported as ``workers`` (this repository) or as ``hybridinval.demo.example`` (the demo).
+
 Every process that runs tasks gets its own cache from :func:`hybridinval.celery.install` (each
 prefork child, built in ``worker_process_init`` without network I/O); the tasks' runtime
 (:mod:`workers.store`) uses that cache. A child that exits cleanly leaves its stats in Redis for
@@ -24,7 +27,10 @@ from .settings import load
 settings = load()
 
 app = Celery(
-    "workers", broker=settings.broker_url, backend=settings.broker_url, include=["workers.tasks"]
+    "workers",
+    broker=settings.broker_url,
+    backend=settings.broker_url,
+    include=[f"{__package__}.tasks"],  # workers.tasks, or the demo's copy of the same module
 )
 app.conf.update(
     task_default_queue=f"{settings.namespace}.tasks",

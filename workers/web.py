@@ -4,7 +4,7 @@ Why Flask under gunicorn sync workers: it is how such an app runs in production,
 master imports the config and forks the workers, so every worker process builds its own cache
 and engine after the fork (:func:`workers.store.runtime`) and serves one request at a time; L1
 is per process, and coherence between processes is exactly what the backplane must provide.
-``gunicorn -c workers/gunicorn_conf.py workers.web:app``.
+``gunicorn -c python:workers.gunicorn_conf workers.web:app``.
 
 Endpoints (JSON):
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -33,25 +35,38 @@ log = logging.getLogger("hybridinval.demo")
 STOP_TIMEOUT = 20.0
 
 
-def find_deployment() -> Path:
-    """The directory holding ``workers/`` and ``alembic.ini`` (a source checkout)."""
-    candidates = [
-        os.environ.get("HYBRIDINVAL_DEPLOYMENT_DIR"),
-        os.getcwd(),
-        str(Path(__file__).resolve().parents[2]),
-    ]
+EXAMPLE = f"{__package__}.example"
+"""The example deployment: the repository's ``workers/``, which the wheel ships under this name
+(an editable install maps the name onto ``workers/``)."""
+
+
+def find_example() -> Path:
+    """The directory of the example package (without importing it: the demo process does not
+    run it), or :class:`DemoError` if this copy of hybridinval does not have it."""
+    spec = importlib.util.find_spec(EXAMPLE)
+    if spec is None or spec.origin is None:
+        raise DemoError(
+            f"{EXAMPLE} is not installed: install hybridinval (pip install 'hybridinval[demo]', "
+            "or pip install -e '.[demo]' in a checkout) rather than running it from a source tree"
+        )
+    return Path(spec.origin).parent
+
+
+def example_module(name: str) -> Any:
+    """A module of the example, imported by name (mypy reads the source tree, where the example
+    is ``workers/``, not ``hybridinval/demo/example/``)."""
+    return importlib.import_module(f"{EXAMPLE}.{name}")
+
+
+def migrations_dir() -> Path:
+    """The example's Alembic scripts: ``migrations/`` in this package in a wheel (the
+    repository's ``alembic/``, shipped as ``hybridinval.demo.migrations``), ``alembic/`` beside
+    ``workers/`` in a checkout."""
+    candidates = [Path(__file__).resolve().parent / "migrations", find_example().parent / "alembic"]
     for candidate in candidates:
-        if (
-            candidate
-            and (Path(candidate) / "workers" / "__init__.py").is_file()
-            and (Path(candidate) / "alembic.ini").is_file()
-        ):
-            return Path(candidate)
-    raise DemoError(
-        "the demo runs the example deployment (workers/ and alembic.ini) of a "
-        "source checkout; run it from the repository root or set "
-        "HYBRIDINVAL_DEPLOYMENT_DIR"
-    )
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise DemoError(f"the example's migrations are in none of {', '.join(map(str, candidates))}")
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
@@ -95,35 +110,32 @@ def _redis(out: IO[str]) -> Iterator[str]:
 
 
 def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outcome:
-    root = find_deployment()
+    settings = example_module("settings")
+    scripts = migrations_dir()
     workdir = Path(tempfile.mkdtemp(prefix="hybridinval-demo-"))
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     processes: Processes | None = None
     try:
         with _redis(out) as redis_url:
-            database_url = (
-                os.environ.get("HYBRIDINVAL_DATABASE_URL") or f"sqlite:///{workdir / 'demo.db'}"
-            )
-            external_db = "HYBRIDINVAL_DATABASE_URL" in os.environ
+            external_db = bool(os.environ.get(settings.DATABASE_URL))
+            database_url = os.environ.get(settings.DATABASE_URL) or f"sqlite:///{workdir}/demo.db"
             print(f"database: {_safe(database_url)}", file=out)
             print(f"workdir:  {workdir}  namespace: {namespace}", file=out)
-            _migrate(root, database_url)
+            _migrate(scripts, database_url)
             env = dict(os.environ)
             env.update(
                 {
-                    "HYBRIDINVAL_REDIS_URL": redis_url,
-                    "HYBRIDINVAL_BROKER_URL": os.environ.get("HYBRIDINVAL_BROKER_URL") or redis_url,
-                    "HYBRIDINVAL_DATABASE_URL": database_url,
-                    "HYBRIDINVAL_NAMESPACE": namespace,
-                    "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p
-                    ),
+                    settings.REDIS_URL: redis_url,
+                    settings.BROKER_URL: os.environ.get(settings.BROKER_URL) or redis_url,
+                    settings.DATABASE_URL: database_url,
+                    settings.NAMESPACE: namespace,
                     "PYTHONUNBUFFERED": "1",
                 }
             )
-            processes = Processes(workdir, env, root, interrupts)
+            # Run from the empty workdir: nothing in the user's directory can shadow a module.
+            processes = Processes(workdir, env, workdir, interrupts)
             try:
-                return _drive(args, out, root, processes, env, namespace, external_db)
+                return _drive(args, out, processes, redis_url, database_url, namespace, external_db)
             finally:
                 # Interrupted: nobody will read the stats, so do not wait long for them.
                 processes.stop_all(3.0 if interrupts.received.is_set() else STOP_TIMEOUT)
@@ -137,13 +149,15 @@ def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outc
 def _drive(
     args: argparse.Namespace,
     out: IO[str],
-    root: Path,
     processes: Processes,
-    env: dict[str, str],
+    redis_url: str,
+    database_url: str,
     namespace: str,
     external_db: bool,
 ) -> Outcome:
     from celery import Celery
+
+    settings = example_module("settings")
 
     ports = [free_port() for _ in range(args.web)]
     web_urls = [f"http://127.0.0.1:{port}" for port in ports]
@@ -156,12 +170,12 @@ def _drive(
                 "-m",
                 "gunicorn",
                 "-c",
-                str(root / "workers" / "gunicorn_conf.py"),
+                f"python:{EXAMPLE}.gunicorn_conf",
                 "-b",
                 f"127.0.0.1:{port}",
                 "-w",
                 "1",
-                "workers.web:app",
+                f"{EXAMPLE}.web:app",
             ],
         )
     queue = f"{namespace}.tasks"
@@ -172,7 +186,7 @@ def _drive(
             "-m",
             "celery",
             "-A",
-            "workers.celery_app",
+            f"{EXAMPLE}.celery_app",
             "worker",
             "-P",
             "prefork",
@@ -191,8 +205,8 @@ def _drive(
     )
     celery = Celery(
         f"demo-{namespace}",
-        broker=env["HYBRIDINVAL_BROKER_URL"],
-        backend=env["HYBRIDINVAL_BROKER_URL"],
+        broker=processes.env[settings.BROKER_URL],
+        backend=processes.env[settings.BROKER_URL],
         set_as_current=False,
     )
     history = History()
@@ -233,9 +247,9 @@ def _drive(
             started.note_members()
         # Stop the deployment before reading the stats: each process leaves them as it exits.
         processes.stop_all(STOP_TIMEOUT)
-        stats = _collect_stats(env["HYBRIDINVAL_REDIS_URL"], namespace)
+        stats = _collect_stats(redis_url, namespace)
         if external_db:
-            _delete_users(env["HYBRIDINVAL_DATABASE_URL"], user_ids)
+            _delete_users(database_url, user_ids)
     finally:
         celery.close()
     return outcome(args, history, stats, processes)
@@ -297,16 +311,17 @@ def _delete_users(database_url: str, user_ids: list[int]) -> None:
         engine.dispose()
 
 
-def _migrate(root: Path, database_url: str) -> None:
+def _migrate(scripts: Path, database_url: str) -> None:
+    """``alembic upgrade head`` with the example's scripts (no ``alembic.ini``: the options it
+    would give are set here)."""
     from alembic import command
     from alembic import config as alembic_config
 
-    config = alembic_config.Config(str(root / "alembic.ini"))
-    config.set_main_option("script_location", str(root / "alembic"))
+    config = alembic_config.Config()
+    config.set_main_option("script_location", str(scripts))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("example_package", EXAMPLE)
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     command.upgrade(config, "head")
 
 

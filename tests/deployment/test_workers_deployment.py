@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 import redis
+import support.repo  # noqa: F401 - the repository root (workers/) on sys.path
 from celery import Celery
 from support import RedisServer, free_port
 from support.celery_worker import CeleryWorker, Spawned
 from support.migrations import alembic, private_schema
-from support.repo import REPO_ROOT
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # gunicorn and Celery processes
@@ -87,7 +87,7 @@ def test_web_and_tasks_stay_coherent_on_postgresql(
             "-m",
             "gunicorn",
             "-c",
-            str(REPO_ROOT / "workers" / "gunicorn_conf.py"),
+            "python:workers.gunicorn_conf",
             "-b",
             f"127.0.0.1:{port}",
             "-w",
