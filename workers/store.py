@@ -33,16 +33,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from hybridinval import HybridCache
+from hybridinval.keyspace import Keyspace
 from hybridinval.sqlalchemy import Installation, install
 
 from .models import Card, User, card_key, user_key
 from .settings import Settings, load
 
-__all__ = ["Runtime", "read_card", "read_user", "runtime", "update_user"]
+__all__ = ["Runtime", "read_card", "read_user", "runtime", "stats_key", "update_user"]
 
 log = logging.getLogger("workers.store")
 
 WRITE_ATTEMPTS = 20
+STATS_TTL_S = 24 * 3600
+"""How long the stats hash outlives the last process that wrote to it (the demo reads it right
+away; a deployment's stopped processes can be looked at for a day)."""
 
 
 @dataclass
@@ -166,26 +170,30 @@ def _close_at_exit(current: Runtime) -> None:
         close_runtime()
 
 
-def stats_key(settings: Settings) -> str:
-    return f"hi:{settings.namespace}:process-stats"
+def stats_key(namespace: str) -> str:
+    """The Redis hash where each process of ``namespace`` leaves its final stats, a field per
+    process (``web:<pid>``, ``task:<pid>``)."""
+    return Keyspace(namespace).app("process-stats")
 
 
 def publish_stats(current: Runtime) -> None:
     """Leave this process's final stats in Redis (a hash field per process), for the demo's
     table: a process that exits cleanly reports even if nobody can reach it any more (a
-    replaced Celery child). Never raises: a process on its way out has nobody to raise to."""
+    replaced Celery child). The hash and its TTL are set in one transaction, so it never lives
+    forever. Never raises: a process on its way out has nobody to raise to."""
     import redis
 
+    key = stats_key(current.settings.namespace)
     try:
-        with redis.Redis.from_url(
-            current.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
-        ) as client:
-            client.hset(
-                stats_key(current.settings),
-                f"{current.role}:{current.pid}",
-                json.dumps(current.stats()),
-            )
-            client.expire(stats_key(current.settings), 86400)
+        with (
+            redis.Redis.from_url(
+                current.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+            ) as client,
+            client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.hset(key, f"{current.role}:{current.pid}", json.dumps(current.stats()))
+            pipe.expire(key, STATS_TTL_S)
+            pipe.execute()
     except Exception as exc:
         log.warning("could not publish the stats of pid %d: %s", current.pid, exc)
 

@@ -291,8 +291,8 @@ def _progress(
 def _collect_stats(redis_url: str, namespace: str) -> dict[str, dict[str, Any]]:
     import redis
 
+    key = example_module("store").stats_key(namespace)
     with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
-        key = f"hi:{namespace}:process-stats"
         raw: dict[bytes, bytes] = client.hgetall(key)
         client.delete(key)
     return {k.decode(): json.loads(v) for k, v in raw.items()}

@@ -27,6 +27,8 @@ from support.celery_worker import CeleryWorker, Spawned
 from support.migrations import alembic, private_schema
 from support.waiting import wait_until
 
+from hybridinval.keyspace import Keyspace
+
 pytestmark = pytest.mark.slow  # gunicorn and Celery processes
 
 DELTA_S = 0.05
@@ -159,10 +161,16 @@ def test_web_and_tasks_stay_coherent_on_postgresql(
         # Stopping: every web worker and every child leaves its stats in Redis.
         assert web.stop() == 0, web.log_tail()
         assert worker.stop() == 0, worker.log_tail()
+        # (Imported here: importing the models tracks them, which no other test should see.)
+        from workers.store import STATS_TTL_S, stats_key
+
         with redis.Redis.from_url(redis_url) as client:
-            key = f"hi:{namespace}:process-stats"
+            key = stats_key(namespace)
+            assert key == Keyspace(namespace).app("process-stats")
             reported = {k.decode(): json.loads(v) for k, v in client.hgetall(key).items()}
+            ttl = client.ttl(key)
             client.delete(key)
+        assert 0 < ttl <= STATS_TTL_S, "the stats must not live in Redis forever"
         roles = [name.split(":")[0] for name in reported]
         assert roles.count("web") == 2 and roles.count("task") == 2, reported
         assert {f"web:{pid}" for pid in web_pids} <= set(reported)
