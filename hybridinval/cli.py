@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .errors import MissingExtraError
+
 __all__ = ["build_parser", "main"]
 
 
@@ -52,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return run(args)
+        except MissingExtraError as exc:  # one line, naming the extra to install
+            print(exc, file=sys.stderr)
+            return 1
         except DemoError as exc:
             print(f"hybridinval demo: {exc}", file=sys.stderr)
             return 1

