@@ -30,12 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run web processes and a Celery worker on embedded Redis and SQLite, drive a "
         "workload, and check that no read was stale",
-        description="Runs the example deployment (workers/) on this machine: an embedded Redis "
-        "and a temporary SQLite database unless HYBRIDINVAL_REDIS_URL/HYBRIDINVAL_DATABASE_URL "
-        "are set, "
-        "2 web processes and a Celery worker with 2 children; drives reads and "
-        "committed updates, then prints per-process stats. Exits 1 on any stale "
-        "read.",
+        description="Runs the example deployment (the repository's workers/, which the "
+        "package ships) on this machine: an embedded Redis and a temporary SQLite database "
+        "unless HYBRIDINVAL_REDIS_URL/HYBRIDINVAL_DATABASE_URL are set, 2 web processes and a "
+        "Celery worker with 2 children; drives reads and committed updates, then prints "
+        "per-process stats. Exits 1 on any stale read. Ctrl-C, SIGTERM or closing the "
+        "terminal stops everything it started.",
     )
     from .demo import add_arguments
 

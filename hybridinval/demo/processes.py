@@ -1,13 +1,16 @@
-"""The processes the demo starts: each the leader of a process group of its own, stopped (and
-the group killed) on every exit path."""
+"""The processes the demo starts: each the leader of a process group of its own (so that the
+demo can stop exactly what it started, group and all), recorded with the watchdog the moment it
+exists, and stopped on every exit path."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,9 +19,12 @@ from pathlib import Path
 from typing import IO
 
 from . import DemoError
+from .reaper import GRACE, KILL_TIMEOUT, Record, group_members, start_time
 from .signals import Interrupts
 
-__all__ = ["Processes", "Started", "free_port", "group_members", "wait_for"]
+__all__ = ["Processes", "Reaper", "Started", "free_port", "wait_for"]
+
+log = logging.getLogger("hybridinval.demo")
 
 STARTUP_TIMEOUT = 60.0
 
@@ -30,27 +36,47 @@ def free_port() -> int:
         return port
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid`` (Linux ``/proc``; elsewhere just the leader)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, 0)
-            return [pgid]
-        return []
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
+class Reaper:
+    """The demo's end of its watchdog (:mod:`.reaper`), started before anything else."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"{__package__}.reaper"],
+            # Where this hybridinval is installed: the same package, whatever the user's cwd.
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # out of reach of the terminal's SIGINT and SIGHUP
+        )
+
+    def watch(self, pid: int) -> None:
+        """Record a process the demo started (call it before anything that can be cut short)."""
+        self._send(Record(pid, start_time(pid)).line())
+
+    def watch_dir(self, path: Path) -> None:
+        self._send(f"dir {path}")
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
         try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != b"Z":
-            members.append(int(entry.name))
-    return members
+            self.proc.stdin.write(f"{line}\n".encode())
+            self.proc.stdin.flush()
+        except OSError as exc:  # it died: the demo's own cleanup still runs
+            log.warning("the demo's watchdog is gone (%s); %s is not recorded", exc, line)
+
+    def close(self) -> int:
+        """End of file: it checks that nothing recorded is left (else stops it) and exits.
+        Returns how many processes it had to stop."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            return max(self.proc.wait(timeout=GRACE + KILL_TIMEOUT + 10), 0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return 0
 
 
 @dataclass
@@ -70,18 +96,24 @@ class Started:
     def note_members(self) -> None:
         self.seen_pids.update(group_members(self.pgid))
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM (graceful: the processes publish their stats), then SIGKILL the group."""
+    def stop(self, timeout: float, hurry: threading.Event) -> None:
+        """SIGTERM (graceful: the processes publish their stats), then SIGKILL the group after
+        ``timeout`` seconds, or as soon as ``hurry`` is set."""
         self.note_members()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not hurry.is_set():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=0.1)
+                    break
         self.kill()
 
     def kill(self) -> None:
-        deadline = time.monotonic() + 10
+        # The leader is not reaped before its group is empty: until then its pid, the group's
+        # id, cannot be another process's.
+        deadline = time.monotonic() + KILL_TIMEOUT
         while group_members(self.pgid) and time.monotonic() < deadline:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pgid, signal.SIGKILL)
@@ -105,23 +137,24 @@ class Processes:
     """Everything the demo started; :meth:`stop_all` runs on every exit path."""
 
     def __init__(
-        self, workdir: Path, env: dict[str, str], cwd: Path, interrupts: Interrupts
+        self, workdir: Path, env: dict[str, str], interrupts: Interrupts, reaper: Reaper
     ) -> None:
         self.interrupts = interrupts
+        self.reaper = reaper
         self.workdir = workdir
         self.env = env
-        self.cwd = cwd
         self.started: list[Started] = []
 
     def start(self, name: str, args: Sequence[str]) -> Started:
+        """Start ``args`` in the workdir (where nothing can shadow a module), logging there."""
         log_path = self.workdir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed by Started.kill()
-        # No Ctrl-C between the fork and the bookkeeping: a process must never go unrecorded.
+        # No signal between the fork and the bookkeeping: a process must never go unrecorded.
         # (Deferred, not blocked: a blocked signal mask would be inherited by the child.)
         with self.interrupts.deferred():
+            log_file = open(log_path, "ab")  # noqa: SIM115 - closed by Started.kill()
             proc = subprocess.Popen(
                 list(args),
-                cwd=self.cwd,
+                cwd=self.workdir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -132,6 +165,7 @@ class Processes:
             )
             started = Started(name, proc, log_path, log_file)
             self.started.append(started)
+            self.reaper.watch(proc.pid)
         return started
 
     def check_alive(self) -> None:
@@ -142,9 +176,11 @@ class Processes:
                 )
 
     def stop_all(self, timeout: float) -> None:
-        """Stop in parallel (each waits for its own graceful exit), then make sure."""
+        """Stop in parallel (each waits for its own graceful exit, cut short by a signal), then
+        make sure."""
         threads = [
-            threading.Thread(target=s.stop, args=(timeout,), daemon=True) for s in self.started
+            threading.Thread(target=s.stop, args=(timeout, self.interrupts.hurry), daemon=True)
+            for s in self.started
         ]
         for thread in threads:
             thread.start()

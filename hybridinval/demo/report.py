@@ -1,8 +1,10 @@
-"""The outcome of a run and the table the demo prints."""
+"""The outcome of a run, the table the demo prints, and the printing."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import IO, Any
@@ -10,7 +12,35 @@ from typing import IO, Any
 from .history import History
 from .processes import Processes
 
-__all__ = ["Outcome", "outcome", "print_table"]
+__all__ = ["Outcome", "Output", "format_table", "outcome"]
+
+
+class Output:
+    """The demo's terminal, whose failures never fail the demo: after SIGHUP the terminal is
+    gone (writes fail with EIO), and a pipe whose reader quit is broken; the demo must still
+    clean up, and the interpreter must not fail flushing at exit."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lost = False
+
+    def isatty(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return not self.lost and self.stream.isatty()
+        return False
+
+    def __call__(self, text: str = "", end: str = "\n") -> None:
+        if self.lost:
+            return
+        try:
+            self.stream.write(text + end)
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.lost = True
+            with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
 
 
 @dataclass
@@ -80,47 +110,45 @@ def outcome(
     )
 
 
-def print_table(outcome: Outcome, args: argparse.Namespace, out: IO[str]) -> None:
+def format_table(outcome: Outcome, args: argparse.Namespace) -> str:
+    """The table (a row per process) and the verdict."""
+    lines: list[str] = []
     header = (
         f"{'process':<14} {'reads':>8} {'L1 hit':>7} {'inval rx':>9} {'lag p50':>9} "
         f"{'lag p99':>9} {'stale':>6}"
     )
-    print(file=out)
-    print(header, file=out)
-    print("-" * len(header), file=out)
+    lines.append("")
+    lines.append(header)
+    lines.append("-" * len(header))
     for row in outcome.rows:
         ratio = row.get("l1_hit_ratio")
-        print(
+        lines.append(
             f"{row['process']:<14} {row['reads']:>8} "
             f"{'-' if ratio is None else f'{ratio:.1%}':>7} "
             f"{row['invalidations_received']:>9} {_us(row.get('lag_p50_us')):>9} "
-            f"{_us(row.get('lag_p99_us')):>9} {row['stale']:>6}",
-            file=out,
+            f"{_us(row.get('lag_p99_us')):>9} {row['stale']:>6}"
         )
-    print("-" * len(header), file=out)
-    print(
-        f"{'checked':<14} {outcome.reads:>8} {'':>7} {'':>9} {'':>9} {'':>9} {outcome.stale:>6}",
-        file=out,
-    )
-    print(
+    lines.append("-" * len(header))
+    blank = f"{'':>7} {'':>9} {'':>9} {'':>9}"
+    lines.append(f"{'checked':<14} {outcome.reads:>8} {blank} {outcome.stale:>6}")
+    lines.append(
         "(a process's reads include its own, e.g. refresh_card's; 'checked' are the reads "
-        "the driver made and checked)",
-        file=out,
+        "the driver made and checked)"
     )
-    print(
+    lines.append(
         f"\ncommitted updates: {outcome.writes}; δ = {args.delta_ms:g} ms; "
-        f"stale reads: {outcome.stale}",
-        file=out,
+        f"stale reads: {outcome.stale}"
     )
     for example in outcome.examples:
-        print(f"  stale: {example}", file=out)
+        lines.append(f"  stale: {example}")
     for name in outcome.missing:
-        print(f"  no stats from {name}", file=out)
+        lines.append(f"  no stats from {name}")
     for error in outcome.errors:
-        print(f"  driver error: {error}", file=out)
+        lines.append(f"  driver error: {error}")
     if outcome.leftovers:
-        print(f"  processes still running: {outcome.leftovers}", file=out)
-    print("OK" if outcome.ok else "FAILED", file=out)
+        lines.append(f"  processes still running: {outcome.leftovers}")
+    lines.append("OK" if outcome.ok else "FAILED")
+    return "\n".join(lines)
 
 
 def _us(value: Any) -> str:

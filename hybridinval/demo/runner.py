@@ -1,5 +1,10 @@
-"""The run: Redis, the database and its migrations, the deployment's processes, the workload,
-the stats, and the cleanup on every path."""
+"""The run, in the order of the package docstring, and its cleanup.
+
+Everything the run starts or creates goes onto one :class:`contextlib.ExitStack` the moment it
+exists (inside :meth:`~.signals.Interrupts.deferred`), and the stack unwinds on every way out: the
+end, a failure, a signal. The watchdog (:mod:`.reaper`) learns of each process and of the
+workdir at the same moment, and finishes the job if this process is killed.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,21 @@ import logging
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 from . import DemoError
 from .history import History
-from .processes import Processes, free_port, wait_for
-from .report import Outcome, outcome, print_table
-from .signals import Interrupts
+from .processes import Processes, Reaper, free_port, wait_for
+from .reaper import children
+from .report import Outcome, Output, format_table, outcome
+from .signals import Interrupted, Interrupts
 from .workload import Workload, http
 
 __all__ = ["run"]
@@ -33,6 +39,9 @@ __all__ = ["run"]
 log = logging.getLogger("hybridinval.demo")
 
 STOP_TIMEOUT = 20.0
+"""The graceful stop at the end, when each process leaves its stats."""
+HURRIED_STOP_TIMEOUT = 3.0
+"""Any other stop (a signal, a failure): nobody will read the stats."""
 
 
 EXAMPLE = f"{__package__}.example"
@@ -70,149 +79,197 @@ def migrations_dir() -> Path:
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
-    """Run the demo; returns the process exit status."""
+    """Run the demo; returns the process exit status: 0 if no read was stale (and everything
+    else held), 1 otherwise, 128 + the signal's number if a signal stopped it."""
+    say = Output(out)
     interrupts = Interrupts()
-    previous = {
-        sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    demo = Run(args, say, interrupts)
+    result: Outcome | None = None
+    failure: str | None = None
     try:
-        outcome = _run(args, out, interrupts)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything the demo started has been stopped", file=out)
-        return 130
+        # The handlers stay installed until the cleanup (leaving `demo`) is over.
+        with interrupts.installed(), demo:
+            result = demo.execute()
+    except Interrupted:
+        pass
     except DemoError as exc:
-        print(f"demo failed: {exc}", file=out)
+        failure = str(exc)
+    reaped = demo.reaped
+    if reaped:
+        say(f"the demo's watchdog had to stop {reaped} process(es) that its cleanup left")
+    if interrupts.exit_status is not None:
+        say(f"\ninterrupted ({interrupts.name}): everything the demo started has been stopped")
+        return interrupts.exit_status
+    if failure is not None or result is None:
+        say(f"demo failed: {failure}")
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print_table(outcome, args, out)
+    say(format_table(result, args))
     if args.json:
-        Path(args.json).write_text(json.dumps(outcome.__dict__, indent=2, default=str))
-    return 0 if outcome.ok else 1
+        Path(args.json).write_text(json.dumps(result.__dict__, indent=2, default=str))
+    return 0 if result.ok and not reaped else 1
 
 
 @contextlib.contextmanager
-def _redis(out: IO[str]) -> Iterator[str]:
-    url = os.environ.get("HYBRIDINVAL_REDIS_URL")
-    if url:
-        print(f"redis:    {url} (HYBRIDINVAL_REDIS_URL)", file=out)
-        yield url
-        return
-    from hybridinval import EmbeddedRedis
-
-    server = EmbeddedRedis.start()
-    print(f"redis:    embedded, {server.url}", file=out)
+def _temporary_files_in(directory: Path) -> Iterator[None]:
+    """``tempfile``'s default directory is ``directory`` inside the block (the embedded Redis
+    makes its directory with ``tempfile``: inside the workdir, it goes with it, whatever
+    happens to this process)."""
+    previous, tempfile.tempdir = tempfile.tempdir, str(directory)
     try:
-        yield server.url
+        yield
     finally:
-        server.stop()
+        tempfile.tempdir = previous
 
 
-def _run(args: argparse.Namespace, out: IO[str], interrupts: Interrupts) -> Outcome:
-    settings = example_module("settings")
-    scripts = migrations_dir()
-    workdir = Path(tempfile.mkdtemp(prefix="hybridinval-demo-"))
-    namespace = f"demo-{uuid.uuid4().hex[:8]}"
-    processes: Processes | None = None
-    try:
-        with _redis(out) as redis_url:
-            external_db = bool(os.environ.get(settings.DATABASE_URL))
-            database_url = os.environ.get(settings.DATABASE_URL) or f"sqlite:///{workdir}/demo.db"
-            print(f"database: {_safe(database_url)}", file=out)
-            print(f"workdir:  {workdir}  namespace: {namespace}", file=out)
-            _migrate(scripts, database_url)
-            env = dict(os.environ)
-            env.update(
-                {
-                    settings.REDIS_URL: redis_url,
-                    settings.BROKER_URL: os.environ.get(settings.BROKER_URL) or redis_url,
-                    settings.DATABASE_URL: database_url,
-                    settings.NAMESPACE: namespace,
-                    "PYTHONUNBUFFERED": "1",
-                }
-            )
-            # Run from the empty workdir: nothing in the user's directory can shadow a module.
-            processes = Processes(workdir, env, workdir, interrupts)
+class Run:
+    """One run of the demo; leaving ``with run:`` stops and removes all it started."""
+
+    def __init__(self, args: argparse.Namespace, say: Output, interrupts: Interrupts) -> None:
+        self.args = args
+        self.say = say
+        self.interrupts = interrupts
+        self.cleanup = contextlib.ExitStack()
+        self.namespace = f"demo-{uuid.uuid4().hex[:8]}"
+        self.workdir = Path()
+        self.reaped = 0
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self.interrupts.disarm()  # from here on, a signal only hurries the cleanup
+        return bool(self.cleanup.__exit__(exc_type, exc, traceback))
+
+    def execute(self) -> Outcome:
+        settings = example_module("settings")
+        scripts = migrations_dir()
+        self._start_watchdog()
+        redis_url = self._redis(settings.REDIS_URL)
+        external_db = bool(os.environ.get(settings.DATABASE_URL))
+        database_url = os.environ.get(settings.DATABASE_URL) or f"sqlite:///{self.workdir}/demo.db"
+        self.say(f"database: {_safe(database_url)}")
+        self.say(f"workdir:  {self.workdir}  namespace: {self.namespace}")
+        _migrate(scripts, database_url)
+        base = random.randrange(10**6, 10**9) if external_db else 1
+        user_ids = [base + i for i in range(self.args.users)]
+        if external_db:  # (runs once the processes have stopped: callbacks run in reverse)
+            self.cleanup.callback(_delete_users, database_url, user_ids)
+        env = dict(os.environ)
+        env.update(
+            {
+                settings.REDIS_URL: redis_url,
+                settings.BROKER_URL: os.environ.get(settings.BROKER_URL) or redis_url,
+                settings.DATABASE_URL: database_url,
+                settings.NAMESPACE: self.namespace,
+                "PYTHONUNBUFFERED": "1",
+                "TMPDIR": str(self.workdir),  # their temporary files go with the workdir
+            }
+        )
+        queue, broker_url = f"{self.namespace}.tasks", env[settings.BROKER_URL]
+        processes = Processes(self.workdir, env, self.interrupts, self.reaper)
+        self.cleanup.callback(processes.stop_all, HURRIED_STOP_TIMEOUT)
+        return self._drive(processes, redis_url, broker_url, queue, user_ids)
+
+    def _start_watchdog(self) -> None:
+        with self.interrupts.deferred():
+            self.reaper = Reaper()
+            self.cleanup.callback(self._close_watchdog)
+            # Named and recorded before it exists, so that no moment leaves it unrecorded.
+            self.workdir = Path(tempfile.gettempdir()) / f"hybridinval-demo-{uuid.uuid4().hex}"
+            if not self.args.keep:
+                self.reaper.watch_dir(self.workdir)
+                self.cleanup.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+            self.workdir.mkdir(mode=0o700)
+
+    def _close_watchdog(self) -> None:
+        self.reaped = self.reaper.close()
+
+    def _redis(self, variable: str) -> str:
+        url = os.environ.get(variable)
+        if url:
+            self.say(f"redis:    {url} ({variable})")
+            return url
+        from hybridinval import EmbeddedRedis, HybridInvalError
+
+        with self.interrupts.deferred(), _temporary_files_in(self.workdir):
+            before = set(children(os.getpid()))
             try:
-                return _drive(args, out, processes, redis_url, database_url, namespace, external_db)
+                server = EmbeddedRedis.start()
+            except HybridInvalError as exc:
+                raise DemoError(f"the embedded Redis did not start: {exc}") from exc
             finally:
-                # Interrupted: nobody will read the stats, so do not wait long for them.
-                processes.stop_all(3.0 if interrupts.received.is_set() else STOP_TIMEOUT)
-    finally:
-        if processes is not None:
-            processes.stop_all(1.0)  # idempotent; covers an interrupt inside the block above
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+                for pid in sorted(set(children(os.getpid())) - before):
+                    self.reaper.watch(pid)
+            self.cleanup.callback(server.stop)
+        self.say(f"redis:    embedded, {server.url}")
+        return server.url
 
+    def _drive(
+        self,
+        processes: Processes,
+        redis_url: str,
+        broker_url: str,
+        queue: str,
+        user_ids: list[int],
+    ) -> Outcome:
+        from celery import Celery
 
-def _drive(
-    args: argparse.Namespace,
-    out: IO[str],
-    processes: Processes,
-    redis_url: str,
-    database_url: str,
-    namespace: str,
-    external_db: bool,
-) -> Outcome:
-    from celery import Celery
-
-    settings = example_module("settings")
-
-    ports = [free_port() for _ in range(args.web)]
-    web_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    python = sys.executable
-    for i, port in enumerate(ports):
+        args, namespace = self.args, self.namespace
+        ports = [free_port() for _ in range(args.web)]
+        web_urls = [f"http://127.0.0.1:{port}" for port in ports]
+        python = sys.executable
+        for i, port in enumerate(ports):
+            processes.start(
+                f"web-{i + 1}",
+                [
+                    python,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    f"python:{EXAMPLE}.gunicorn_conf",
+                    "-b",
+                    f"127.0.0.1:{port}",
+                    "-w",
+                    "1",
+                    f"{EXAMPLE}.web:app",
+                ],
+            )
         processes.start(
-            f"web-{i + 1}",
+            "worker",
             [
                 python,
                 "-m",
-                "gunicorn",
+                "celery",
+                "-A",
+                f"{EXAMPLE}.celery_app",
+                "worker",
+                "-P",
+                "prefork",
                 "-c",
-                f"python:{EXAMPLE}.gunicorn_conf",
-                "-b",
-                f"127.0.0.1:{port}",
-                "-w",
-                "1",
-                f"{EXAMPLE}.web:app",
+                str(args.concurrency),
+                "-Q",
+                queue,
+                "-n",
+                f"{namespace}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-heartbeat",
+                "--without-gossip",
+                "--without-mingle",
             ],
         )
-    queue = f"{namespace}.tasks"
-    processes.start(
-        "worker",
-        [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            f"{EXAMPLE}.celery_app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            str(args.concurrency),
-            "-Q",
-            queue,
-            "-n",
-            f"{namespace}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-    )
-    celery = Celery(
-        f"demo-{namespace}",
-        broker=processes.env[settings.BROKER_URL],
-        backend=processes.env[settings.BROKER_URL],
-        set_as_current=False,
-    )
-    history = History()
-    base = random.randrange(10**6, 10**9) if external_db else 1
-    user_ids = [base + i for i in range(args.users)]
-    try:
+        celery = Celery(
+            f"demo-{namespace}", broker=broker_url, backend=broker_url, set_as_current=False
+        )
+        self.cleanup.callback(celery.close)
+        # Abandoned driver threads may still wait on results when Redis goes: no retry noise.
+        self.cleanup.callback(logging.getLogger("celery.backends.redis").setLevel, logging.CRITICAL)
+        history = History()
         for url in web_urls:
             wait_for(f"web process at {url}", _healthy(url), processes)
         wait_for(
@@ -220,9 +277,8 @@ def _drive(
             lambda: bool(celery.send_task("workers.stats", queue=queue).get(timeout=5)),
             processes,
         )
-        print(
-            f"started:  {args.web} web processes, a Celery worker with {args.concurrency} children",
-            file=out,
+        self.say(
+            f"started:  {args.web} web processes, a Celery worker with {args.concurrency} children"
         )
         for user_id in user_ids:
             body = http(
@@ -237,22 +293,15 @@ def _drive(
             history.commit(user_id, body["user"]["version"], body["committed_ns"])
         workload = Workload(web_urls, celery, queue, user_ids, history, args.readers)
         workload.start()
-        try:
-            _progress(args, out, history, workload, processes)
-        except BaseException:
-            workload.stop.set()  # daemon threads: abandoned, not waited for, on Ctrl-C
-            raise
+        self.cleanup.callback(workload.stop.set)  # daemon threads: abandoned, not waited for
+        _progress(args, self.say, history, workload, processes)
         workload.join()
         for started in processes.started:
             started.note_members()
         # Stop the deployment before reading the stats: each process leaves them as it exits.
         processes.stop_all(STOP_TIMEOUT)
         stats = _collect_stats(redis_url, namespace)
-        if external_db:
-            _delete_users(database_url, user_ids)
-    finally:
-        celery.close()
-    return outcome(args, history, stats, processes)
+        return outcome(args, history, stats, processes)
 
 
 def _healthy(url: str) -> Callable[[], bool]:
@@ -261,12 +310,12 @@ def _healthy(url: str) -> Callable[[], bool]:
 
 def _progress(
     args: argparse.Namespace,
-    out: IO[str],
+    say: Output,
     history: History,
     workload: Workload,
     processes: Processes,
 ) -> None:
-    tty = out.isatty()
+    tty = say.isatty()
     started = time.monotonic()
     last_print = 0.0
     delta_ns = int(args.delta_ms * 1e6)
@@ -282,10 +331,10 @@ def _progress(
                 f"[{elapsed:5.1f}s / {args.duration:.0f}s] reads {len(history.reads):7d}  "
                 f"commits {history.writes:6d}  stale {stale}"
             )
-            print(f"\r{line}" if tty else line, end="" if tty else "\n", file=out, flush=True)
+            say(f"\r{line}" if tty else line, end="" if tty else "\n")
         time.sleep(0.25 if tty else 0.1)
     if tty:
-        print(file=out)
+        say()
 
 
 def _collect_stats(redis_url: str, namespace: str) -> dict[str, dict[str, Any]]:

@@ -2,96 +2,39 @@
 HYBRIDINVAL_REDIS_URL, no HYBRIDINVAL_DATABASE_URL (embedded Redis, a temporary SQLite file), 2 web
 processes and a prefork worker.
 
-The demo runs in a session of its own; the test records every descendant it sees while the demo
-runs and checks that none outlives it, after a normal end and after a Ctrl-C.
+The demo runs in a session of its own with a private TMPDIR; the harness records every
+descendant it sees while the demo runs and checks that none outlives it and that the TMPDIR is
+empty: after a normal end, after Ctrl-C, SIGTERM or a closed terminal, each while the workload
+runs and while the processes are still starting, and after SIGKILL (then the demo's watchdog
+cleans up).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.celery_worker import descendants, group_members, pid_alive
-from support.repo import REPO_ROOT
+from demo_harness import Demo
+from support.celery_worker import pid_alive
 
 pytestmark = pytest.mark.slow  # the whole demo
 
 DURATION_S = 4
 
 
-class Demo:
-    """The demo as a subprocess in its own session; killed (its group and every descendant seen)
-    at the end of the test whatever happens."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k
-            not in (
-                "HYBRIDINVAL_REDIS_URL",
-                "HYBRIDINVAL_DATABASE_URL",
-                "HYBRIDINVAL_BROKER_URL",
-                "HYBRIDINVAL_NAMESPACE",
-            )
-        }
-        env["PYTHONUNBUFFERED"] = "1"
-        self.out_path = tmp_path / "demo.out"
-        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hybridinval.cli", "demo", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.seen: set[int] = set()
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def watch(self, timeout: float, until: str | None = None) -> int | None:
-        """Record descendants until the demo exits (or ``until`` appears in its output)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.seen.update(descendants(self.proc.pid))
-            if self.proc.poll() is not None:
-                return self.proc.returncode
-            if until is not None and until in self.output():
-                return None
-            time.sleep(0.2)
-        raise AssertionError(f"demo still running after {timeout}s:\n{self.output()[-3000:]}")
-
-    def survivors(self) -> list[int]:
-        return [pid for pid in self.seen if pid_alive(pid)] + group_members(self.proc.pid)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for pid in self.survivors():  # only processes the demo started (seen as descendants)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._out.close()
-
-
 @pytest.fixture
 def demo_factory(tmp_path: Path) -> Iterator[Any]:
     demos: list[Demo] = []
 
-    def start(*args: str) -> Demo:
-        demo = Demo(tmp_path, *args)
+    def start(*args: str, **options: Any) -> Demo:
+        home = tmp_path / f"demo-{len(demos)}"
+        home.mkdir()
+        demo = Demo(home, *args, **options)
         demos.append(demo)
         return demo
 
@@ -121,20 +64,70 @@ def test_demo_runs_on_a_fresh_machine_with_no_stale_reads(
         assert row["reads"] > 0, row
     # The demo printed a table row per process; the backplane was exercised.
     assert sum(row["invalidations_received"] for row in result["rows"]) > 0
-    # Nothing it started outlives it: not the web processes, the worker, nor the embedded Redis.
-    assert len(demo.seen) >= 7, demo.seen  # 2 gunicorn masters + 2 workers, celery + 2, redis
-    assert result["leftovers"] == [] and demo.survivors() == []
+    # Nothing it started outlives it: not the web processes, the worker, the embedded Redis,
+    # nor its watchdog; and it left no temporary file.
+    assert len(demo.seen) >= 8, demo.seen  # 2 gunicorn masters + 2 workers, celery + 2, redis,
+    assert result["leftovers"] == [] and demo.survivors() == []  # and the watchdog
     assert not any(pid_alive(pid) for pid in result["pids"])
+    assert demo.leftover_files() == []
 
 
 def test_ctrl_c_stops_everything_the_demo_started(demo_factory: Any) -> None:
     demo = demo_factory("--duration", "120")
     assert demo.watch(timeout=120, until="started:") is None, demo.output()[-3000:]
     demo.watch(timeout=20, until=" reads ")  # the workload runs (first progress line)
-    assert len(demo.seen) >= 7, demo.seen
-    # A terminal's Ctrl-C goes to the foreground process group: the demo and its Redis.
+    assert len(demo.seen) >= 8, demo.seen
+    # A terminal's Ctrl-C goes to the foreground process group: the demo's, and only the demo
+    # is in it (everything it starts is in a session of its own).
     os.killpg(demo.proc.pid, signal.SIGINT)
     code = demo.watch(timeout=60)
     assert code == 130, demo.output()[-3000:]
     assert "interrupted" in demo.output()
-    assert demo.survivors() == []
+    assert demo.survivors() == [] and demo.leftover_files() == []
+
+
+SIGNALS = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT]
+
+
+def _send(demo: Demo, signum: signal.Signals) -> None:
+    if signum == signal.SIGINT:
+        demo.ctrl_c()
+    elif signum == signal.SIGHUP:
+        demo.hang_up()
+    else:
+        os.kill(demo.proc.pid, signum)
+
+
+@pytest.mark.parametrize("phase", ["starting", "running"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_stops_everything_and_removes_every_temporary_file(
+    demo_factory: Any, signum: signal.Signals, phase: str
+) -> None:
+    """On a terminal: SIGINT is ^C typed on it, SIGHUP the terminal closing, SIGTERM a kill."""
+    demo = demo_factory("--duration", "120", terminal=True)
+    if phase == "starting":  # a web process runs, the others are still to come or booting
+        assert demo.watch(timeout=120, starting=True) is None, demo.output()[-3000:]
+    else:
+        assert demo.watch(timeout=120, until=" reads ") is None, demo.output()[-3000:]
+        assert len(demo.seen) >= 8, demo.describe(list(demo.seen))
+    _send(demo, signum)
+    code = demo.watch(timeout=60)
+    # Everything is stopped and removed before the demo exits (it waits for its watchdog).
+    assert demo.survivors() == [], demo.describe(demo.survivors())
+    assert demo.leftover_files() == []
+    assert code == 128 + signum, demo.output()[-3000:]
+    if signum != signal.SIGHUP:  # (after a hangup nobody sees the terminal any more)
+        assert f"interrupted ({signum.name})" in demo.output(), demo.output()[-3000:]
+
+
+@pytest.mark.parametrize("phase", ["starting", "running"])
+def test_a_killed_demo_leaves_nothing_behind(demo_factory: Any, phase: str) -> None:
+    """SIGKILL, which no handler sees: the demo's watchdog stops what it started."""
+    demo = demo_factory("--duration", "120")
+    if phase == "starting":
+        assert demo.watch(timeout=120, starting=True) is None, demo.output()[-3000:]
+    else:
+        assert demo.watch(timeout=120, until=" reads ") is None, demo.output()[-3000:]
+    demo.proc.kill()
+    assert demo.watch(timeout=10) == -signal.SIGKILL
+    demo.wait_until_clean(timeout=30)
