@@ -171,6 +171,16 @@ class Run:
             }
         )
         queue, broker_url = f"{self.namespace}.tasks", env[settings.BROKER_URL]
+        # What the run writes to its embedded Redis goes with it; from any other, it is removed
+        # (once the processes have stopped).
+        embedded = None if os.environ.get(settings.REDIS_URL) else redis_url
+        self.cleanup.callback(
+            _forget_run,
+            None if embedded else redis_url,
+            None if broker_url == embedded else broker_url,
+            self.namespace,
+            queue,
+        )
         processes = Processes(self.workdir, env, self.interrupts, self.reaper)
         self.cleanup.callback(processes.stop_all, HURRIED_STOP_TIMEOUT)
         return self._drive(processes, redis_url, broker_url, queue, user_ids)
@@ -345,6 +355,33 @@ def _collect_stats(redis_url: str, namespace: str) -> dict[str, dict[str, Any]]:
         raw: dict[bytes, bytes] = client.hgetall(key)
         client.delete(key)
     return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def _forget_run(redis_url: str | None, broker_url: str | None, namespace: str, queue: str) -> None:
+    """Remove what the run wrote to a Redis (``redis_url``) and a broker it did not start: its
+    namespace's keys, and its Celery queue (whose bindings kombu would keep forever)."""
+    try:
+        if redis_url:
+            import redis
+
+            from hybridinval.keyspace import Keyspace
+
+            with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
+                keys = list(client.scan_iter(match=Keyspace(namespace).pattern, count=1000))
+                for i in range(0, len(keys), 500):
+                    client.delete(*keys[i : i + 500])
+        if broker_url:
+            from celery import Celery
+
+            app = Celery(f"demo-{namespace}", broker=broker_url, set_as_current=False)
+            app.conf.task_default_queue = queue  # as the example's app has it: its exchange too
+            with app.connection_for_write() as connection:
+                bound = app.amqp.queues[queue](connection.default_channel)
+                bound.declare()  # (a channel deletes the bindings it knows of)
+                bound.delete()
+            app.close()
+    except Exception as exc:  # the cleanup goes on; the user is told what may be left
+        log.warning("could not remove the demo's keys and queue (%s): %s", namespace, exc)
 
 
 def _delete_users(database_url: str, user_ids: list[int]) -> None:

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from demo_harness import Demo
+import redis
+from demo_harness import Demo, fresh_env
+from sqlalchemy import create_engine, text
 from support.celery_worker import pid_alive
+from support.migrations import private_schema
+
+from hybridinval.keyspace import Keyspace
 
 pytestmark = pytest.mark.slow  # the whole demo
 
@@ -131,3 +137,32 @@ def test_a_killed_demo_leaves_nothing_behind(demo_factory: Any, phase: str) -> N
     demo.proc.kill()
     assert demo.watch(timeout=10) == -signal.SIGKILL
     demo.wait_until_clean(timeout=30)
+
+
+def test_on_a_users_redis_and_database_the_demo_leaves_nothing_there(
+    demo_factory: Any, redis_url: str, postgres_url: str
+) -> None:
+    """HYBRIDINVAL_REDIS_URL / HYBRIDINVAL_DATABASE_URL: the demo's namespace, its Celery queue
+    and the users it created are gone afterwards (the schema is this test's own)."""
+    with private_schema(postgres_url, "demo") as database_url:
+        env = fresh_env(HYBRIDINVAL_REDIS_URL=redis_url, HYBRIDINVAL_DATABASE_URL=database_url)
+        demo = demo_factory("--duration", "2", env=env)
+        code = demo.watch(timeout=150)
+        output = demo.output()
+        assert code == 0, output[-4000:]
+        assert "stale reads: 0" in output and "(HYBRIDINVAL_REDIS_URL)" in output
+        namespace = re.search(r"namespace: (\S+)", output)
+        assert namespace is not None, output
+        engine = create_engine(database_url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM users")).scalar() == 0
+        finally:
+            engine.dispose()
+    with redis.Redis.from_url(redis_url) as client:
+        left = [
+            *client.scan_iter(match=Keyspace(namespace[1]).pattern),
+            *client.scan_iter(match=f"*{namespace[1]}*"),  # the queue and kombu's bindings
+        ]
+    assert left == []
+    assert demo.survivors() == [] and demo.leftover_files() == []
