@@ -97,6 +97,8 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     reaped = demo.reaped
     if reaped:
         say(f"the demo's watchdog had to stop {reaped} process(es) that its cleanup left")
+    if args.keep:
+        say(f"kept:     {demo.workdir}")
     if interrupts.exit_status is not None:
         say(f"\ninterrupted ({interrupts.name}): everything the demo started has been stopped")
         return interrupts.exit_status
@@ -146,8 +148,8 @@ class Run:
         return bool(self.cleanup.__exit__(exc_type, exc, traceback))
 
     def execute(self) -> Outcome:
+        scripts = migrations_dir()  # (first: it says what is wrong if the example is missing)
         settings = example_module("settings")
-        scripts = migrations_dir()
         self._start_watchdog()
         redis_url = self._redis(settings.REDIS_URL)
         external_db = bool(os.environ.get(settings.DATABASE_URL))
@@ -385,6 +387,7 @@ def _forget_run(redis_url: str | None, broker_url: str | None, namespace: str, q
 
 
 def _delete_users(database_url: str, user_ids: list[int]) -> None:
+    """Remove the users the run created in a database it did not create."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(database_url)
@@ -393,6 +396,8 @@ def _delete_users(database_url: str, user_ids: list[int]) -> None:
             for user_id in user_ids:
                 conn.execute(text("DELETE FROM cards WHERE user_id = :id"), {"id": user_id})
                 conn.execute(text("DELETE FROM users WHERE id = :id"), {"id": user_id})
+    except Exception as exc:  # the cleanup goes on; the user is told what may be left
+        log.warning("could not delete the %d users the demo created: %s", len(user_ids), exc)
     finally:
         engine.dispose()
 
