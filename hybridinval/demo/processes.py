@@ -1,6 +1,6 @@
 """The processes the demo starts: each the leader of a process group of its own (so that the
-demo can stop exactly what it started, group and all), recorded with the watchdog the moment it
-exists, and stopped on every exit path."""
+demo can stop exactly what it started, group and all), recorded with the watchdog before it
+runs its command (:data:`GATE`), and stopped on every exit path."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ __all__ = ["Processes", "Reaper", "Started", "free_port", "wait_for"]
 log = logging.getLogger("hybridinval.demo")
 
 STARTUP_TIMEOUT = 60.0
+
+GATE = """\
+import os, sys
+gate = int(sys.argv[1])
+if not os.read(gate, 1):
+    sys.exit(1)  # the demo died before it recorded this process: never become the command
+os.close(gate)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+"""What each process the demo starts runs first, in the same process (``exec`` keeps its pid
+and start time): it waits until the demo has recorded it with the watchdog. A demo killed in
+between (SIGKILL, which no deferral holds off) closes the pipe, and the process exits instead of
+running unrecorded."""
 
 
 def free_port() -> int:
@@ -152,20 +165,27 @@ class Processes:
         # (Deferred, not blocked: a blocked signal mask would be inherited by the child.)
         with self.interrupts.deferred():
             log_file = open(log_path, "ab")  # noqa: SIM115 - closed by Started.kill()
-            proc = subprocess.Popen(
-                list(args),
-                cwd=self.workdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                # Its own group: a Ctrl-C in the terminal reaches the demo only, which then
-                # stops everything in order, and the demo can kill exactly what it started.
-                start_new_session=True,
-            )
-            started = Started(name, proc, log_path, log_file)
-            self.started.append(started)
-            self.reaper.watch(proc.pid)
+            gate, opener = os.pipe()  # (neither end is inherited but the one passed)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", GATE, str(gate), *args],
+                    pass_fds=(gate,),
+                    cwd=self.workdir,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    # Its own group: a Ctrl-C in the terminal reaches the demo only, which then
+                    # stops everything in order, and the demo can kill exactly what it started.
+                    start_new_session=True,
+                )
+                started = Started(name, proc, log_path, log_file)
+                self.started.append(started)
+                self.reaper.watch(proc.pid)
+                os.write(opener, b"\n")  # recorded: go
+            finally:
+                os.close(gate)
+                os.close(opener)
         return started
 
     def check_alive(self) -> None:

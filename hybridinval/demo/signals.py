@@ -10,8 +10,11 @@ cleanup that stops everything the demo started. Two stretches are never cut shor
   :attr:`Interrupts.hurry`, which cuts the graceful waits short, so a second Ctrl-C, or the
   SIGHUP of a terminal closed after a Ctrl-C, cannot abandon the processes being stopped.
 
-What no handler can see, SIGKILL, is the watchdog's (:mod:`.reaper`). An interrupted demo exits
-with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+What no handler can see, SIGKILL, is the watchdog's (:mod:`.reaper`), and a process started
+just before it waits at :data:`~.processes.GATE` until it is recorded, so none escapes.
+
+An interrupted demo exits with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129
+for SIGHUP.
 
 This module must never raise from a handler while disarmed or deferring.
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.celery_worker import pid_alive
 
+from hybridinval.demo.processes import GATE
 from hybridinval.demo.reaper import Record, start_time
 from hybridinval.demo.signals import Interrupted, Interrupts
 
@@ -171,3 +172,25 @@ def test_after_a_clean_demo_the_watchdog_has_nothing_to_do(
     started = time.monotonic()
     assert watchdog.close() == 0
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_started_process_runs_its_command_only_once_recorded(
+    recorded: bool, tmp_path: Path
+) -> None:
+    """Between the fork and the record no deferral helps against SIGKILL: each process waits
+    at the gate until the demo has recorded it, and exits if the demo died first."""
+    marker = tmp_path / "ran"
+    gate, opener = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", GATE, str(gate), "touch", str(marker)],
+        pass_fds=(gate,),
+    )
+    os.close(gate)
+    time.sleep(0.2)
+    assert not marker.exists(), "it waits"
+    if recorded:
+        os.write(opener, b"\n")
+    os.close(opener)  # the demo's end: closed when it exits, however it exits
+    assert proc.wait(10) == (0 if recorded else 1)
+    assert marker.exists() == recorded
