@@ -5,7 +5,9 @@ The demo runs in a session of its own with a private ``TMPDIR``, its output in a
 the terminal a real hangup. While it runs, :meth:`Demo.watch` records every descendant with its
 start time (from ``/proc``, independently of the demo's own bookkeeping), so that afterwards
 :meth:`Demo.survivors` can tell exactly which of the processes the demo started are still
-running, and :meth:`Demo.close` stops those and nothing else.
+running, and :meth:`Demo.close` stops those and nothing else. A process forked after the last
+look and orphaned before the next (the demo killed in between) is still found: its environment
+holds the private ``TMPDIR``, which only the demo's processes inherit.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def _processes() -> dict[int, tuple[int, int, int]]:
         if entry.isdigit() and (fields := _stat(int(entry))) and fields[0] != b"Z":
             found[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[19]))
     return found
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
 
 
 def _cmdline(pid: int) -> str:
@@ -184,9 +193,13 @@ class Demo:
 
     def survivors(self) -> list[int]:
         """The processes the demo started that still run: each one seen (the same process:
-        same start time), and any member of a group one of them leads, started since."""
+        same start time), any member of a group one of them leads, started since, and any with
+        the demo's TMPDIR in its environment."""
         processes = _processes()
-        left = set()
+        marker = f"TMPDIR={self.tmpdir}".encode()
+        left = {pid for pid in processes if pid != os.getpid() and _environ_has(pid, marker)}
+        for pid in left - self.seen.keys():  # for describe() and close()
+            self.seen[pid], self.seen_commands[pid] = processes[pid][2], _cmdline(pid)
         for pid, (_, pgid, start) in processes.items():
             leader = processes.get(pgid)
             in_group = pgid in self.seen and start >= self.seen[pgid]
