@@ -138,7 +138,7 @@ def speedups() -> Any:
 def hit_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once with the C hit path and once with the pure-Python one (caches built
     after this fixture use it)."""
-    import hybridinval._cache as cache_module
+    import hybridinval._hitpath as cache_module
 
     module = request.getfixturevalue("speedups") if request.param == "c" else None
     monkeypatch.setattr(cache_module, "_speedups", module)

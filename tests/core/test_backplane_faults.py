@@ -137,7 +137,7 @@ def test_redis_closing_a_slow_subscriber_for_its_output_buffer(
     # Stall the reader's subscriber thread inside its message handler (it needs the cache lock),
     # so the kernel's socket buffers and then Redis's output buffer for it fill up.
     big_keys = [f"key-{i:04d}-" + "x" * 200 for i in range(200)]  # ~45 KB per message
-    with reader._lock:
+    with reader._local.lock:
         writer.invalidate("first")
         for _ in range(1000):
             writer.invalidate_many(big_keys)
@@ -268,7 +268,7 @@ def test_an_invalidation_during_the_restore_wins(
     assert read_versions.wait(10)
     reader.invalidate("k")
     resume.set()
-    wait_until(lambda: reader._restoring is None and reader.subscribed, what="restore done")
+    wait_until(lambda: reader._local.restoring is None and reader.subscribed, what="restore done")
     assert "k" not in reader.l1.entries
     assert reader.stats()["l1_restored"] == 0
 
@@ -294,7 +294,7 @@ def test_a_gap_that_recurs_before_the_restore_ran_still_restores(
     wait_until(lambda: reader.stats()["l1_restored"] == 1, what="second restore")
     assert set(reader.l1.entries) == {"same"}
     assert reader.get("same") == "same-v1" and reader.get("changed") == "changed-v2"
-    assert reader._quarantine == {}  # released once a restore has dealt with it
+    assert reader._local.quarantine == {}  # released once a restore has dealt with it
 
 
 def test_a_restarted_redis_proves_nothing_so_l1_is_dropped(

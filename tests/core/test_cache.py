@@ -25,7 +25,7 @@ from hybridinval import (
     PickleSerializer,
     SerializationError,
 )
-from hybridinval._backplane import encode_message
+from hybridinval._message import encode_message
 
 CacheFactory = Callable[..., HybridCache]
 
@@ -214,7 +214,7 @@ def test_get_waiting_on_a_get_or_set_fill_gets_the_value(make_cache: CacheFactor
         target=lambda: out.append(a.get_or_set("k", lambda: release.wait(5) and 1))
     )
     t.start()
-    wait_until(lambda: "k" in a._fills, what="fill registered")
+    wait_until(lambda: "k" in a._local.fills, what="fill registered")
     g = threading.Thread(target=lambda: out.append(a.get("k")))
     g.start()
     wait_until(lambda: a.stats()["single_flight_waits"] >= 1, what="get waits")
@@ -416,7 +416,7 @@ def test_duplicated_and_reordered_messages_converge(make_cache: CacheFactory) ->
     m1 = encode_message("other", 1, ["x"])
     m2 = encode_message("other", 2, ["y"])
     for payload in (m2, m1, m2, m1):
-        a.on_message(payload)
+        a._coherence.on_message(payload)
     assert a.l1.entries == {}
     assert a.stats()["invalidations_received"] == 4
 
@@ -425,7 +425,7 @@ def test_own_echo_does_not_cancel_own_fresh_fill(make_cache: CacheFactory) -> No
     a = make_cache()
     a.invalidate("k")  # its echo may still be on the way
     a.get_or_set("k", lambda: "fresh")
-    a.on_message(encode_message(a.instance_id, 999, ["k"]))
+    a._coherence.on_message(encode_message(a.instance_id, 999, ["k"]))
     assert a.get("k") == "fresh" and "k" in a.l1.entries
     assert a.stats()["echoes_ignored"] >= 1
 
@@ -433,7 +433,7 @@ def test_own_echo_does_not_cancel_own_fresh_fill(make_cache: CacheFactory) -> No
 def test_message_from_a_newer_schema_flushes_everything(make_cache: CacheFactory) -> None:
     a = make_cache()
     a.get_or_set("k", lambda: 1)
-    a.on_message(b'{"v":99,"i":"future","s":1,"t":0,"something":"new"}')
+    a._coherence.on_message(b'{"v":99,"i":"future","s":1,"t":0,"something":"new"}')
     assert a.l1.entries == {}
 
 
