@@ -222,16 +222,17 @@ class HybridCache:
         """Build a cache on one Redis URL (``redis://``, ``rediss://`` or ``unix://``): L2 and
         the backplane (Pub/Sub, published by L2's own scripts) on that server.
 
-        With ``url=None`` an embedded Redis (the ``embedded`` extra) is started for this process
-        and stopped by :meth:`close`; good for trying things, not for sharing between processes.
+        With ``url=None``, every process of this user on this machine shares one embedded Redis
+        (the ``embedded`` extra), started by the first and stopped a few seconds after the last
+        has gone: fine for development and tests, never for processes on several machines.
         """
         config = CacheConfig.of(config, options)
         on_close: Callable[[], None] | None = None
         if url is None:
-            from ._embedded import EmbeddedRedis
+            from ._embedded import SharedEmbeddedRedis
 
-            server = EmbeddedRedis.start()
-            url, on_close = server.url, server.stop
+            server = SharedEmbeddedRedis.attach()
+            url, on_close = server.url, server.detach
         l2, transport = build_redis_seams(url, config)
         return cls(l2=l2, transport=transport, config=config, on_close=on_close)
 
