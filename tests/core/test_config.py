@@ -62,3 +62,19 @@ def test_the_incarnation_marker_expires(redis_url: str, namespace: str) -> None:
         assert 0 < ttl <= 40_000
         for name in raw.scan_iter(Keyspace(namespace).pattern):
             assert raw.pttl(name) > 0, f"{name!r} never expires"
+
+
+def test_stats_returns_exactly_the_fields_of_cache_stats() -> None:
+    from typing import get_type_hints
+
+    from hybridinval import CacheStats
+
+    with HybridCache(l2=MemoryL2(), transport=MemoryHub().transport()) as cache:
+        cache.get_or_set("k", lambda: 1)
+        stats = cache.stats()
+    hints = get_type_hints(CacheStats)
+    assert set(stats) == set(hints)
+    for name, value in stats.items():
+        if value is not None:
+            expected = hints[name]
+            assert isinstance(value, getattr(expected, "__args__", (expected,))[0]), name
