@@ -71,9 +71,17 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    """SQLAlchemy URL of a PostgreSQL database, or skip (fail in CI) if none."""
-    env_url = os.environ.get("HYBRIDINVAL_POSTGRES_URL")
+    """SQLAlchemy URL of a PostgreSQL database, or skip (fail in CI) if none.
+
+    Order: $HYBRIDINVAL_DATABASE_URL (the name the example deployment and the demo read too;
+    here it must be a PostgreSQL URL), then the local test database."""
+    env_url = os.environ.get("HYBRIDINVAL_DATABASE_URL")
     if env_url:
+        if not env_url.startswith("postgresql"):
+            pytest.fail(
+                f"HYBRIDINVAL_DATABASE_URL={env_url!r}: the tests that use it need PostgreSQL",
+                pytrace=False,
+            )
         return env_url
     reason: str
     try:

@@ -17,6 +17,7 @@ from support import RedisServer, TcpProxy
 from support.waiting import wait_until
 
 from hybridinval import BackendUnavailableError, HybridCache
+from hybridinval.keyspace import Keyspace
 
 FAST = {"health_check_interval": 0.1, "health_check_timeout": 0.2, "socket_timeout": 0.3}
 
@@ -228,7 +229,7 @@ def test_scripts_survive_a_script_cache_flush(
     cache.invalidate("k")
     admin.script_flush()
     assert cache.get_or_set("k", lambda: "v3") == "v3"
-    assert admin.get(f"hi:{cache.namespace}:d:k")[16:] == b'j"v3"'
+    assert admin.get(Keyspace(cache.namespace).data("k"))[16:] == b'j"v3"'
     admin.close()
 
 

@@ -68,11 +68,11 @@ class TestRedisPubSubTransport(TransportContract):
         return [RedisPubSubTransport(self.url, channel) for _ in range(n)]
 
     def test_a_store_on_the_same_server_gets_the_channel(self) -> None:
-        transport = RedisPubSubTransport(self.url, "hi:x:inval")
+        transport = RedisPubSubTransport(self.url, Keyspace("x").channel)
         same = RedisL2(redis_client(self.url), "x")
         other = RedisL2(redis_client("redis://192.0.2.1:6379/0"), "x")
         try:
-            assert transport.script_channel(same) == "hi:x:inval"
+            assert transport.script_channel(same) == Keyspace("x").channel
             assert transport.script_channel(other) is None
         finally:
             same.close()
