@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py hybridinval/_speedups.c
+$(STAMP): pyproject.toml setup.py hybridinval/_speedups.c hybridinval/_version.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
@@ -87,7 +87,8 @@ $(VENV_SA20)/.upstream-deps: $(VENV_SA20)/.installed upstream/requirements-flask
 # proves that the package installs and imports next to SQLAlchemy 2.0.
 venv-sa20: $(VENV_SA20)/.installed
 
-$(VENV_SA20)/.installed: pyproject.toml setup.py hybridinval/_speedups.c upstream/requirements.txt
+$(VENV_SA20)/.installed: pyproject.toml setup.py hybridinval/_speedups.c hybridinval/_version.py \
+  upstream/requirements.txt
 	test -x $(VENV_SA20)/bin/python || $(PYTHON) -m venv $(VENV_SA20)
 	$(VENV_SA20)/bin/python -m pip install --upgrade pip
 	$(VENV_SA20)/bin/python -m pip install '.[test]' 'sqlalchemy==2.0.58' \
