@@ -57,4 +57,4 @@ __all__ = [
     "UntrackableRowError",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
