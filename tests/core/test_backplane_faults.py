@@ -30,6 +30,10 @@ def make_cache(namespace: str) -> Iterator[Callable[..., HybridCache]]:
         cache = HybridCache.from_url(url, namespace=namespace, **{**FAST, **options})
         caches.append(cache)
         assert cache.wait_until_subscribed(10)
+        # The first subscription reads L2's incarnation off the delivery thread; a gap that
+        # begins before that read proves nothing after it (the set-aside L1 is dropped, which
+        # is safe), so the tests that restore across a gap wait for it.
+        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
         return cache
 
     yield make
