@@ -8,12 +8,20 @@ BIN := $(VENV)/bin
 # Stamp: reinstall (and rebuild the C hit path) when the build inputs change, not on every run.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test test-fast bench demo
+.PHONY: venv lint typecheck test test-fast bench demo FORCE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py hybridinval/_speedups.c
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# On every run: the venv's Python must run and be one that requires-python admits, else the venv
+# is made again with $(PYTHON), or make stops with the problem and the fix. <venv>/.python (which
+# Python it is) changes only when the venv was (re)made or its Python changed, and the install
+# stamp follows it. (`make -n` does not run the check, so it always lists the install.)
+$(VENV)/.python: FORCE
+	@sh .ci/ensure-venv $(VENV) '$(PYTHON)'
+
+FORCE:
+
+$(STAMP): $(VENV)/.python pyproject.toml setup.py hybridinval/_speedups.c hybridinval/_version.py
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
@@ -87,8 +95,11 @@ $(VENV_SA20)/.upstream-deps: $(VENV_SA20)/.installed upstream/requirements-flask
 # proves that the package installs and imports next to SQLAlchemy 2.0.
 venv-sa20: $(VENV_SA20)/.installed
 
-$(VENV_SA20)/.installed: pyproject.toml setup.py hybridinval/_speedups.c upstream/requirements.txt
-	test -x $(VENV_SA20)/bin/python || $(PYTHON) -m venv $(VENV_SA20)
+$(VENV_SA20)/.python: FORCE
+	@sh .ci/ensure-venv $(VENV_SA20) '$(PYTHON)'
+
+$(VENV_SA20)/.installed: $(VENV_SA20)/.python pyproject.toml setup.py hybridinval/_speedups.c \
+  hybridinval/_version.py upstream/requirements.txt
 	$(VENV_SA20)/bin/python -m pip install --upgrade pip
 	$(VENV_SA20)/bin/python -m pip install '.[test]' 'sqlalchemy==2.0.58' \
 	  -r upstream/requirements.txt

@@ -10,6 +10,10 @@ Three parts, in this order:
 Redis: ``--redis-url``, else $HYBRIDINVAL_REDIS_URL, else 127.0.0.1:6379, else an embedded one.
 PostgreSQL: ``--postgres-url``, else $HYBRIDINVAL_POSTGRES_URL, else the local test database;
 without one the workload is skipped and the results say so.
+
+Only a full run (every part, every contender, not ``--quick``) writes to ``--out``: a partial one
+writes to ``--out``/partial/ (not committed), so the committed results always come from one
+full run. Nothing is written until every file has been rendered.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +40,8 @@ from . import core
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PARTS = ("core", "micro", "workload")
+PARTIAL = "partial"  # the subfolder of --out that a partial run writes to
 
 
 def _redis_url(explicit: str | None) -> tuple[str, object | None]:
@@ -63,7 +71,8 @@ def _postgres(explicit: str | None) -> tuple[str | None, str]:
         finally:
             engine.dispose()
     except Exception as exc:
-        return None, f"PostgreSQL unavailable at {url}: {type(exc).__name__}: {exc}"
+        first_line = next(iter(str(exc).splitlines()), "")  # not the driver's hints
+        return None, f"PostgreSQL unavailable at {url}: {type(exc).__name__}: {first_line}"
     return url, version
 
 
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in cmod.CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s) {unknown}; choose from {list(cmod.CONTENDERS)}")
+    left_out = [n for n in cmod.CONTENDERS if n not in names]
     if "hybridinval_core" in names and not cmod.sqlalchemy_integration_available():
         names.remove("hybridinval_core")  # it would be the same as the hybridinval row
     url, server = _redis_url(args.redis_url)
@@ -185,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()  # type: ignore[attr-defined]
     results["seconds"] = round(time.monotonic() - started, 1)
     results["targets"] = targets(results)
+    partial = [f"no {part} part" for part in PARTS if part not in results]
+    if left_out:
+        partial.append(f"contenders left out: {', '.join(left_out)}")
+    if args.quick:
+        partial.append("--quick")
+    if partial:
+        results["partial"] = partial
     _write(args.out, results, progress)
     return 0
 
@@ -426,20 +443,38 @@ def _write(
     *,
     rewrite_json: bool = True,
 ) -> None:
-    from .report import markdown, plots
+    """Render every file, then move them into ``out`` (``out``/partial/ for a partial run).
 
+    A failure while rendering leaves ``out`` as it was. Plots this run has no data for are
+    removed, so that the folder never mixes two runs.
+    """
+    from .report import PLOTS, markdown, plots
+
+    if results.get("partial"):
+        progress(
+            f"partial run ({'; '.join(results['partial'])}): writing {out / PARTIAL}/, "
+            f"{out}/ keeps the last full run"
+        )
+        out = out / PARTIAL
     out.mkdir(parents=True, exist_ok=True)
-    if rewrite_json:
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
-    (out / "results.md").write_text(table)
-    written = []
-    if results.get("workload") or results.get("micro"):
-        written = plots(results, out)
+    staging = Path(tempfile.mkdtemp(dir=out, suffix=".tmp"))  # same filesystem: renames
+    try:
+        table = markdown(results)
+        (staging / "results.md").write_text(table)
+        if rewrite_json:
+            (staging / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        if results.get("workload") or results.get("micro"):
+            plots(results, staging)
+        written = sorted(p.name for p in staging.iterdir())
+        for name in PLOTS:
+            if name not in written:
+                (out / name).unlink(missing_ok=True)
+        for name in written:
+            (staging / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(table, flush=True)
-    progress(
-        f"wrote {out / 'results.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in written)
-    )
+    progress("wrote " + ", ".join(str(out / name) for name in written))
 
 
 if __name__ == "__main__":

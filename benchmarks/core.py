@@ -117,15 +117,17 @@ def bench_l2_hit(url: str, rounds: int = 31) -> dict[str, Any]:
 def _receiver_ours(url: str, namespace: str, conn: Connection) -> None:
     received: dict[str, int] = {}
 
-    class Timed(HybridCache):
-        def on_message(self, payload: bytes) -> None:
-            super().on_message(payload)
-            now = time.time_ns()
-            for key in json.loads(payload)["k"]:
-                received[key] = now
+    cache = HybridCache.from_url(url, namespace=namespace)
+    listener = cache._coherence  # what the transport delivers to (looked up per message)
+    evict = listener.on_message
 
-    base = HybridCache.from_url(url, namespace=namespace)
-    cache = Timed(l2=base.l2, transport=base.transport, l1=base.l1, namespace=namespace)
+    def timed(payload: bytes) -> None:
+        evict(payload)
+        now = time.time_ns()
+        for key in json.loads(payload)["k"]:
+            received[key] = now
+
+    listener.on_message = timed  # type: ignore[method-assign]
     assert cache.wait_until_subscribed(10)
     conn.send("ready")
     conn.recv()  # "done"

@@ -320,19 +320,16 @@ def _receiver(name: str, env: cmod.Env, conn: Connection) -> None:
     if name == "hand_rolled":
         contender = cmod.HandRolled(env, on_evict=stamp)
     else:
-        from hybridinval import HybridCache
-
-        class Timed(HybridCache):
-            def on_message(self, payload: bytes) -> None:
-                super().on_message(payload)  # evicts
-                now = time.time_ns()
-                evicted.extend((k, now) for k in json.loads(payload)["k"])
-
         contender = cmod.Hybridinval(env, use_sqlalchemy=False)
-        base = contender.cache
-        contender.cache = Timed(
-            l2=base.l2, transport=base.transport, l1=base.l1, namespace=env.prefix
-        )
+        listener = contender.cache._coherence  # the transport looks on_message up per message
+        evict = listener.on_message
+
+        def timed(payload: bytes) -> None:
+            evict(payload)
+            now = time.time_ns()
+            evicted.extend((k, now) for k in json.loads(payload)["k"])
+
+        listener.on_message = timed
     assert contender.ready(10)
     conn.send("ready")
     conn.recv()

@@ -13,7 +13,10 @@ from typing import Any
 from . import contenders as cmod
 from .core import markdown as core_markdown
 
-__all__ = ["markdown", "plots"]
+__all__ = ["PLOTS", "markdown", "plots"]
+
+# Every file plots() may write; a run writes those it has data for.
+PLOTS = ("latency.png", "throughput_vs_stale.png")
 
 # Which micro-benchmark row stands for each contender in the side-by-side table.
 _L1_ROW = {
@@ -82,8 +85,8 @@ def _contender_rows(results: dict[str, Any]) -> list[str]:
         else:
             l2_cell = "n/a"
         if cls.cross_process_l1 == "no":
-            l1_ttl = results.get("workload", {}).get("config", {}).get("l1_ttl", "?")
-            prop_cell = f"never (until the L1 TTL, {l1_ttl} s)"
+            l1_ttl = results.get("workload", {}).get("config", {}).get("l1_ttl")
+            prop_cell = "never (until the L1 TTL" + (f", {l1_ttl} s)" if l1_ttl else ")")
         elif _PROP_ROW.get(name) in prop.get("latency", {}):
             p = prop["latency"][_PROP_ROW[name]]
             prop_cell = (
@@ -98,21 +101,26 @@ def _contender_rows(results: dict[str, Any]) -> list[str]:
                 f"failed: {w['error'][:120]} | | | |"
             )
             continue
-        rate = w.get("reads_per_s")
-        ratio = round(rate / redis_only_rate, 1) if rate and redis_only_rate else None
-        phases = w.get("phases", {})
-        stale = (
-            f"{phases.get('steady', {}).get('stale', 'n/a'):,} / "
-            f"{phases.get('faults', {}).get('stale', 'n/a'):,} "
-            f"({w.get('stale_over_100ms', 0):,})"
-        )
         mem_cell = "no L1"
         if cls.has_l1 and _MEM_ROW.get(name) in mem.get("bytes_per_entry", {}):
             key = _MEM_ROW[name]
             mem_cell = _fmt(mem["bytes_per_entry"][key], " B", mem["ratio_to_dict"][key])
+        if w:
+            rate = w.get("reads_per_s")
+            ratio = round(rate / redis_only_rate, 1) if rate and redis_only_rate else None
+            phases = w.get("phases", {})
+            rate_cell = _fmt(rate, "", ratio)
+            queries_cell = _fmt(w.get("queries_per_1k_reads"))
+            stale_cell = (
+                f"{_fmt(phases.get('steady', {}).get('stale'))} / "
+                f"{_fmt(phases.get('faults', {}).get('stale'))} "
+                f"({_fmt(w.get('stale_over_100ms'))})"
+            )
+        else:  # the workload did not run (no PostgreSQL, or --skip workload)
+            rate_cell = queries_cell = stale_cell = "not run"
         rows.append(
-            f"| {cls.label} | {l1_cell} | {l2_cell} | {prop_cell} | {_fmt(rate, '', ratio)} | "
-            f"{_fmt(w.get('queries_per_1k_reads'))} | {stale} | {mem_cell} |"
+            f"| {cls.label} | {l1_cell} | {l2_cell} | {prop_cell} | {rate_cell} | "
+            f"{queries_cell} | {stale_cell} | {mem_cell} |"
         )
     csc = results.get("unsupported", {}).get(cmod.REDIS_PY_CSC)
     if csc:
@@ -126,9 +134,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"Run: `{results.get('command', 'python -m benchmarks')}` on "
         f"{results.get('cpus')} CPUs, Python {results.get('python')}, Redis "
         f"{results.get('redis_version')}, PostgreSQL "
-        f"{results.get('postgres_version', '?')}; {results.get('seconds')} s.",
+        f"{results.get('postgres_version', 'not used')}; {results.get('seconds')} s.",
         "",
     ]
+    partial = results.get("partial")
+    if partial:
+        out += [f"**Partial run** ({'; '.join(partial)}): not comparable to a full run.", ""]
     if "core" in results:
         out += [
             "### Hot paths (hybridinval vs the baseline on the same row)",
@@ -153,14 +164,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"{raw_prop.get('p99_us', 'n/a')} µs; 1 bytes-per-entry baseline = a plain `dict` "
             f"({micro.get('memory', {}).get('bytes_per_entry', {}).get('dict', 'n/a')} B).",
             "",
-            f"Workload: {cfg.get('readers', '?')} reader processes + 1 writer on PostgreSQL, "
-            f"{cfg.get('rows', '?')} rows, Zipf s={cfg.get('zipf_s', '?')}, writer "
-            f"{cfg.get('write_rate', '?')} commits/s, {cfg.get('duration', '?')} s per run x "
-            f"{work.get('repeats', '?')} runs per contender (round robin; reads/s is the median "
-            f"run, stale reads the sum); pub/sub connections killed at "
-            f"{', '.join(f'{x:.0%}' for x in cfg.get('fault_at', ()))} of each run, each time "
-            f"for {cfg.get('fault_hold', '?')} s. Stale = returned a version older than one "
-            f"committed more than {cfg.get('grace_ms', '?')} ms before the read began.",
+            (
+                f"Workload: {cfg.get('readers', '?')} reader processes + 1 writer on PostgreSQL, "
+                f"{cfg.get('rows', '?')} rows, Zipf s={cfg.get('zipf_s', '?')}, writer "
+                f"{cfg.get('write_rate', '?')} commits/s, {cfg.get('duration', '?')} s per run x "
+                f"{work.get('repeats', '?')} runs per contender (round robin; reads/s is the "
+                f"median run, stale reads the sum); pub/sub connections killed at "
+                f"{', '.join(f'{x:.0%}' for x in cfg.get('fault_at', ()))} of each run, each "
+                f"time for {cfg.get('fault_hold', '?')} s. Stale = returned a version older than "
+                f"one committed more than {cfg.get('grace_ms', '?')} ms before the read began."
+                if work
+                else "Workload: not run (see the notes)."
+            ),
             "",
             "| contender | L1 hit (x LRUCache.get) | L2 hit (x raw GET) | propagation p50 / p99 µs "
             "(x raw) | reads/s (x redis only) | DB queries / 1k reads | stale reads: steady / "
@@ -232,8 +247,6 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ylabel="fraction of reads",
         title="Read latency under load (sampled)",
     )
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=7)
     for name, samples in prop.get("samples_us", {}).items():
         if samples:
             xs = np.sort(np.asarray(samples, dtype=float))
@@ -244,14 +257,20 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ylabel="fraction of messages",
         title="Propagation latency",
     )
-    right.grid(True, which="both", alpha=0.3)
-    right.legend(fontsize=7)
+    for axes, part in ((left, "workload"), (right, "micro")):
+        axes.grid(True, which="both", alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize=7)
+        else:
+            axes.text(0.5, 0.5, f"{part} not run", ha="center", transform=axes.transAxes)
     fig.tight_layout()
     path = out_dir / "latency.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
 
+    if not any("reads_per_s" in w for w in work.values()):
+        return written  # no workload figures to plot
     fig, ax = plt.subplots(figsize=(10, 6))
     for n, (name, w) in enumerate(work.items()):
         if "reads_per_s" not in w:

@@ -4,8 +4,8 @@ The public API is what this module exports; everything in a ``_module`` is priva
 Optional integrations live in :mod:`hybridinval.sqlalchemy` and :mod:`hybridinval.celery`.
 """
 
-from ._backplane import RedisPubSubTransport, Transport
-from ._cache import MAX_KEY_LENGTH, HybridCache
+from ._cache import CacheStats, HybridCache
+from ._config import CacheConfig
 from ._embedded import EmbeddedRedis
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store, RedisL2
@@ -22,17 +22,23 @@ from .errors import (
     TransactionStateError,
     UntrackableRowError,
 )
+from .keyspace import MAX_KEY_LENGTH, Keyspace
 from .serializers import JsonSerializer, PickleSerializer, Serializer
+from .transports import BackplaneListener, RedisPubSubTransport, Transport
 
 __all__ = [
     "MAX_KEY_LENGTH",
     "BackendUnavailableError",
+    "BackplaneListener",
     "CacheClosedError",
+    "CacheConfig",
+    "CacheStats",
     "CorruptPayloadError",
     "EmbeddedRedis",
     "HybridCache",
     "HybridInvalError",
     "JsonSerializer",
+    "Keyspace",
     "L1Store",
     "L2Store",
     "MemoryL1",
@@ -51,4 +57,4 @@ __all__ = [
     "UntrackableRowError",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__

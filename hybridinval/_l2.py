@@ -1,9 +1,8 @@
 """L2: the shared Redis store, with a version per key so that no fill can write a stale value.
 
-Layout, for a cache namespace ``ns`` and a key ``k``::
-
-    hi:{ns}:d:k   the value: its version (16 bytes) then the serialized payload (L2 TTL)
-    hi:{ns}:v:k   the key's version: a random token replaced by every invalidation or set()
+The Redis names are :class:`~hybridinval.keyspace.Keyspace`'s: a value key holds its version
+(16 bytes) then the serialized payload; a version key holds the random token that every
+invalidation or ``set()`` replaces.
 
 An L2 hit is one ``GET`` of the value key: the version it was written under travels with it,
 so a hit costs what a raw ``GET`` does. A fill that missed and will load reads value and
@@ -16,8 +15,9 @@ write L2 at all (see ``HybridCache``). A value written while its key had no vers
 ``-`` x 16 and reads back as version ``b""``.
 
 Invalidation and ``set()`` are single Lua scripts that also ``PUBLISH`` the backplane message when
-the backplane rides the same Redis: the writes and the message leave in one round trip, and the
-message is published only after the deletes, so a process that hears it reads the new state.
+asked to (``notify``; the transport decides, see ``Transport.script_channel``): the writes and the
+message leave in one round trip, and the message is published only after the deletes, so a
+process that hears it reads the new state.
 
 This module never touches L1 and never swallows an error: every redis-py error becomes a
 :class:`~hybridinval.errors.BackendUnavailableError`.
@@ -34,8 +34,13 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisError
 
 from .errors import BackendUnavailableError
+from .keyspace import Keyspace
 
-__all__ = ["L2Store", "RedisL2"]
+__all__ = ["L2Store", "Notify", "RedisL2", "redis_client", "redis_endpoint"]
+
+Notify = tuple[str, bytes] | None
+"""``(channel, message)``: publish ``message`` on ``channel`` after the writes, in the same round
+trip; ``None``: publish nothing (the cache hands the message to the transport instead)."""
 
 _ABSENT = b""  # what cas_set compares against when the version key did not exist
 _VERSION_LENGTH = 16  # of every token (_new_version) and of _NO_VERSION
@@ -67,7 +72,19 @@ return 1
 
 
 class L2Store(Protocol):
-    """The L2 seam. Every method raises ``BackendUnavailableError`` when the store fails."""
+    """The L2 seam: values with a version per key. Every method may be called from any thread
+    and raises ``BackendUnavailableError`` when the store fails (never another error for a
+    store failure). :mod:`hybridinval.testing` has the behaviour suite every store must pass
+    (``L2StoreContract``).
+
+    Versions are opaque byte strings, ``b""`` for a key that has none. A version must change on
+    every :meth:`set` and :meth:`invalidate_many`, and must never come back to a value it had
+    before (the compare-and-set would then accept a stale write).
+    """
+
+    version_ttl: float
+    """Seconds a version lives after its last change. The cache refuses to write L2 from a fill
+    that ran longer than half of it, and to restore L1 entries set aside for longer than that."""
 
     def get(self, key: str) -> tuple[bytes | None, bytes | None]:
         """The hit path: ``(payload, the version it was written under)``, or ``(None, None)``
@@ -76,50 +93,69 @@ class L2Store(Protocol):
 
     def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
         """``(payload or None, current version)`` read atomically, by a fill about to load (the
-        version its :meth:`cas_set` must match; ``b""`` when the key has none)."""
+        version its :meth:`cas_set` must match)."""
         ...
 
     def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
-        """Store ``payload`` only if the key's version is still ``version``. Idempotent."""
+        """Store ``payload`` for ``ttl`` seconds only if the key's version is still ``version``
+        (the version is then unchanged). Returns whether it stored. Idempotent."""
         ...
 
-    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> bytes:
-        """Store ``payload`` under a new version (returned); publish ``message`` if ``channel``."""
+    def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
+        """Store ``payload`` under a new version, which is returned; then ``notify``."""
+        ...
+
+    def invalidate_many(self, keys: Sequence[str], notify: Notify = None) -> None:
+        """Delete ``keys`` and give each a new version, atomically; then ``notify``. One round
+        trip. Idempotent."""
         ...
 
     def versions(self, keys: Sequence[str]) -> list[bytes]:
-        """The current version of each key (``b""`` when it has none), in few round trips."""
+        """The current version of each key, in order, in few round trips."""
         ...
 
     def incarnation(self) -> str:
-        """Changes whenever the store may have lost versions (restart, failover, flush)."""
+        """A token that changes whenever the store may have lost versions (restart, failover,
+        flush). Entries set aside across a change are never restored."""
         ...
 
     def reconnect(self) -> None:
-        """Drop pooled connections (after a network fault they may be silently dead)."""
+        """Drop idle pooled connections (after a network fault they may be silently dead)."""
         ...
 
-    def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
-        """Delete ``keys`` and give each a new version, in one round trip. Idempotent."""
+    def reset_after_fork(self) -> None:
+        """Forget the parent's connections without closing them (this is a new child)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
 
 
 class RedisL2:
-    """The default L2 on one Redis server (or a proxy in front of one)."""
+    """The default L2 on one Redis server (or a proxy in front of one).
+
+    ``namespace`` (or a :class:`~hybridinval.keyspace.Keyspace`) scopes every key it writes.
+    """
 
     def __init__(
         self,
         client: redis.Redis,
-        namespace: str,
+        namespace: str | Keyspace,
         *,
         version_ttl: float = 600.0,
     ) -> None:
+        if version_ttl <= 0:
+            raise ValueError(f"version_ttl must be > 0, got {version_ttl!r}")
         self.client = client
-        self._data_prefix = f"hi:{namespace}:d:"
-        self._version_prefix = f"hi:{namespace}:v:"
-        self._version_ttl_ms = str(int(version_ttl * 1000))
+        self.keyspace = namespace if isinstance(namespace, Keyspace) else Keyspace(namespace)
+        self.version_ttl = version_ttl
+        self.endpoint = redis_endpoint(client.connection_pool.connection_kwargs)
+        self._data_prefix = self.keyspace.data_prefix
+        self._version_prefix = self.keyspace.version_prefix
+        self._version_ttl_ms = str(_ms(version_ttl))
+        # The incarnation marker outlives any gap the cache would restore across (version_ttl/2).
+        self._incarnation_ttl_ms = _ms(2 * version_ttl)
         self._mget = client.mget
         self._execute: Callable[..., Any] = client.execute_command  # untyped in redis-py
         self._invalidate = client.register_script(_INVALIDATE)
@@ -167,7 +203,8 @@ class RedisL2:
             raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
         return bool(stored)
 
-    def set(self, key: str, payload: bytes, ttl: float, channel: str, message: bytes) -> bytes:
+    def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
+        channel, message = notify or _NO_NOTIFY
         version = _new_version()
         try:
             self._eval(
@@ -190,7 +227,8 @@ class RedisL2:
             raise BackendUnavailableError(f"L2 version read failed: {exc}") from exc
         return out
 
-    def invalidate_many(self, keys: Sequence[str], channel: str, message: bytes) -> None:
+    def invalidate_many(self, keys: Sequence[str], notify: Notify = None) -> None:
+        channel, message = notify or _NO_NOTIFY
         redis_keys = [self._data_prefix + k for k in keys]
         redis_keys += [self._version_prefix + k for k in keys]
         try:
@@ -208,11 +246,16 @@ class RedisL2:
         # run_id changes on every restart and differs on a promoted replica; the marker key
         # disappears with FLUSHALL/FLUSHDB. Either way versions may have been lost, and an
         # unchanged version token would prove nothing.
-        marker = self._data_prefix[: -len("d:")] + "incarnation"
+        marker = self.keyspace.incarnation
         try:
-            self.client.set(marker, _new_version(), nx=True)
-            token = self.client.get(marker)
-            run_id = self.client.info("server").get("run_id", "")
+            # One round trip: create the marker if absent, refresh its lifetime, read it back.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(marker, _new_version(), nx=True, px=self._incarnation_ttl_ms)
+            pipe.pexpire(marker, self._incarnation_ttl_ms)
+            pipe.get(marker)
+            pipe.info("server")
+            _, _, token, info = pipe.execute()
+            run_id = info.get("run_id", "")
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 incarnation read failed: {exc}") from exc
         return f"{run_id}:{token!r}"
@@ -232,6 +275,9 @@ class RedisL2:
         self.client.connection_pool.reset()
 
 
+_NO_NOTIFY = ("", b"")
+
+
 def _new_version() -> bytes:
     return secrets.token_hex(8).encode()
 
@@ -248,3 +294,17 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
     options.setdefault("health_check_interval", 0)
     options.setdefault("protocol", 2)  # the same replies on every redis-py version and server
     return redis.Redis.from_url(url, **options)
+
+
+def redis_endpoint(connection_kwargs: dict[str, Any]) -> tuple[str, str, int]:
+    """Which server a redis-py client's (or URL's) connection options reach: ``("unix", path,
+    0)`` or ``("tcp", host, port)``. Equal endpoints mean one server; unequal ones may still be
+    one (``localhost`` and ``127.0.0.1``), which only costs a separate publish."""
+    path = connection_kwargs.get("path")
+    if path:
+        return ("unix", str(path), 0)
+    return (
+        "tcp",
+        str(connection_kwargs.get("host") or "localhost"),
+        int(connection_kwargs.get("port") or 6379),
+    )

@@ -13,7 +13,8 @@ Usage, in the module that builds the Celery app::
         cache = hybrid_celery.current_cache()
         ...
 
-Which process gets a cache, and from which signal (see ARCHITECTURE.md §4):
+Which process gets a cache, and from which signal (Celery sends ``worker_process_init`` only
+in prefork children and the solo pool):
 
 ========== ======================================= ===========================================
 pool       process that runs tasks                 signal that opens its cache
@@ -26,6 +27,10 @@ threads,   the worker's main process               ``worker_init``; ``worker_rea
 gevent,                                            safety net (a no-op if already open)
 eventlet
 ========== ======================================= ===========================================
+
+Eager tasks (``task_always_eager``, as in tests) run in the calling process, which no worker
+signal reaches: call :meth:`CeleryIntegration.open_process_cache` there once (a test fixture) and
+:meth:`CeleryIntegration.close_process_cache` after; ``current_cache()`` then returns it.
 
 The prefork parent never gets a cache: it runs no tasks, and anything it held would be
 inherited by every child (the core's fork hook would reset it, but a cache that is never built
@@ -126,8 +131,9 @@ def current_cache() -> HybridCache:
         ) from _last_error
     raise NoWorkerCacheError(
         f"no hybridinval cache in this process (pid {os.getpid()}): current_cache() works in "
-        "Celery worker processes of an app passed to hybridinval.celery.install(); elsewhere, "
-        "build and pass a HybridCache explicitly"
+        "Celery worker processes of an app passed to hybridinval.celery.install(); where tasks "
+        "run eagerly (task_always_eager, tests), call the integration's open_process_cache() "
+        "first; elsewhere, build and pass a HybridCache explicitly"
     )
 
 

@@ -30,16 +30,25 @@ __all__ = [
 
 @runtime_checkable
 class Serializer(Protocol):
-    """Encodes values for L2. Both methods must be pure and thread-safe."""
+    """Encodes values for L2. :mod:`hybridinval.testing` has the behaviour suite every
+    serializer must pass (``SerializerContract``).
+
+    Both methods are called from any thread, concurrently, and must be pure. Every process of
+    a namespace must use the same serializer: each reads what the others wrote.
+    """
 
     name: str
+    """Names the format in error messages."""
 
     def dumps(self, value: Any) -> bytes:
-        """Encode ``value``; raise ``TypeError``/``ValueError`` if it cannot be encoded."""
+        """Encode ``value``; raise ``TypeError``/``ValueError`` if it cannot be encoded (the
+        cache reports that as a ``SerializationError`` naming the key, and stores nothing)."""
         ...
 
     def loads(self, data: bytes) -> Any:
-        """Decode bytes produced by :meth:`dumps`; raise :class:`CorruptPayloadError` otherwise."""
+        """Decode bytes produced by :meth:`dumps`; raise :class:`CorruptPayloadError` for any
+        other bytes (the cache treats the key as a miss, logs and counts ``l2_corrupt``). It
+        must never run code an attacker who can write to Redis chose."""
         ...
 
 

@@ -71,9 +71,17 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    """SQLAlchemy URL of a PostgreSQL database, or skip (fail in CI) if none."""
-    env_url = os.environ.get("HYBRIDINVAL_POSTGRES_URL")
+    """SQLAlchemy URL of a PostgreSQL database, or skip (fail in CI) if none.
+
+    Order: $HYBRIDINVAL_DATABASE_URL (the name the example deployment and the demo read too;
+    here it must be a PostgreSQL URL), then the local test database."""
+    env_url = os.environ.get("HYBRIDINVAL_DATABASE_URL")
     if env_url:
+        if not env_url.startswith("postgresql"):
+            pytest.fail(
+                f"HYBRIDINVAL_DATABASE_URL={env_url!r}: the tests that use it need PostgreSQL",
+                pytrace=False,
+            )
         return env_url
     reason: str
     try:
@@ -138,7 +146,7 @@ def speedups() -> Any:
 def hit_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once with the C hit path and once with the pure-Python one (caches built
     after this fixture use it)."""
-    import hybridinval._cache as cache_module
+    import hybridinval._hitpath as cache_module
 
     module = request.getfixturevalue("speedups") if request.param == "c" else None
     monkeypatch.setattr(cache_module, "_speedups", module)

@@ -28,6 +28,7 @@ from support.celery_app import Base, Item, item_key
 from support.celery_fixtures import StartWorker, run, tagged
 
 from hybridinval import HybridCache
+from hybridinval.keyspace import Keyspace
 from hybridinval.sqlalchemy import install
 
 pytestmark = pytest.mark.slow  # real Celery workers
@@ -158,7 +159,7 @@ def test_enqueue_on_commit_sends_after_the_invalidation_and_never_after_a_rollba
     web.create(1)
     worker = start(start_worker, web, redis_url, namespace)
     warm(client, worker)
-    version_key = f"hi:{namespace}:v:{item_key(1)}"
+    version_key = Keyspace(namespace).version(f"{item_key(1)}")
     with redis.Redis.from_url(redis_url) as admin:
 
         def signature() -> SpySignature:

@@ -30,6 +30,7 @@ from support.celery_worker import pid_alive
 from support.waiting import wait_until
 
 from hybridinval import HybridCache
+from hybridinval.keyspace import Keyspace
 
 pytestmark = pytest.mark.slow  # real Celery workers
 
@@ -150,7 +151,7 @@ def test_child_cycles_and_warm_shutdown_leak_no_connections_or_threads(
         extra_args=["--max-tasks-per-child", "1"],
         env={"HI_TEST_PARENT_CACHE_URL": tagged(redis_url, parent_tag)},
     )
-    channel = f"hi:{namespace}:inval"
+    channel = Keyspace(namespace).channel
     seen: list[dict[str, Any]] = []
     peak = 0
     with redis.Redis.from_url(redis_url) as admin:

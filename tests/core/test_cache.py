@@ -25,7 +25,8 @@ from hybridinval import (
     PickleSerializer,
     SerializationError,
 )
-from hybridinval._backplane import encode_message
+from hybridinval._message import encode_message
+from hybridinval.keyspace import Keyspace
 
 CacheFactory = Callable[..., HybridCache]
 
@@ -92,7 +93,7 @@ def test_invalidate_evicts_everywhere_and_clears_l2(
         cache.get_or_set("k", lambda: "v")
     a.invalidate("k")
     assert "k" not in a.l1.entries  # before invalidate() returned
-    assert raw.get(f"hi:{namespace}:d:k") is None
+    assert raw.get(Keyspace(namespace).data("k")) is None
     wait_until(lambda: "k" not in b.l1.entries, what="b evicts k")
     assert b.stats()["keys_evicted_remote"] == 1
     # a hears its own message, and only counts it (see test_own_echo_does_not_cancel...).
@@ -110,7 +111,7 @@ def test_l1_ttl_expires_entries_in_the_background(make_cache: CacheFactory) -> N
 def test_ttl_bounds_l2(make_cache: CacheFactory, raw: redis.Redis, namespace: str) -> None:
     a = make_cache()
     a.get_or_set("short", lambda: 1, ttl=30)
-    assert 0 < raw.pttl(f"hi:{namespace}:d:short") <= 30_000
+    assert 0 < raw.pttl(Keyspace(namespace).data("short")) <= 30_000
 
 
 def test_invalidating_1000_keys_is_one_round_trip(
@@ -202,7 +203,7 @@ def test_loader_error_reaches_every_waiter_and_caches_nothing(
     for t in threads:
         t.join(10)
     assert calls == [1] and len(errors) == 20
-    assert "bad" not in a.l1.entries and raw.get(f"hi:{namespace}:d:bad") is None
+    assert "bad" not in a.l1.entries and raw.get(Keyspace(namespace).data("bad")) is None
     assert a.get_or_set("bad", lambda: "ok") == "ok"  # nothing sticky
 
 
@@ -214,7 +215,7 @@ def test_get_waiting_on_a_get_or_set_fill_gets_the_value(make_cache: CacheFactor
         target=lambda: out.append(a.get_or_set("k", lambda: release.wait(5) and 1))
     )
     t.start()
-    wait_until(lambda: "k" in a._fills, what="fill registered")
+    wait_until(lambda: "k" in a._local.fills, what="fill registered")
     g = threading.Thread(target=lambda: out.append(a.get("k")))
     g.start()
     wait_until(lambda: a.stats()["single_flight_waits"] >= 1, what="get waits")
@@ -305,7 +306,7 @@ def test_invalidation_during_a_load_rejects_the_l2_write(
     resume.set()
     t.join(5)
     assert out == ["old row"]
-    assert raw.get(f"hi:{namespace}:d:k") is None
+    assert raw.get(Keyspace(namespace).data("k")) is None
     assert "k" not in a.l1.entries
     assert a.stats()["l2_cas_rejections"] == 1
     assert a.get_or_set("k", lambda: "new row") == "new row"
@@ -344,7 +345,7 @@ def test_a_value_set_between_the_miss_and_the_version_read_is_served_not_overwri
     loads: list[str] = []
     assert a.get_or_set("k", lambda: loads.append("ran") or "loaded") == "from b"
     assert loads == [] and a.stats()["l2_hits"] == 1
-    assert raw.get(f"hi:{namespace}:d:k")[16:] == b'j"from b"'  # type: ignore[index]
+    assert raw.get(Keyspace(namespace).data("k"))[16:] == b'j"from b"'  # type: ignore[index]
 
 
 def test_an_l2_hit_is_one_get_and_carries_its_version(
@@ -352,9 +353,9 @@ def test_an_l2_hit_is_one_get_and_carries_its_version(
 ) -> None:
     a, b = make_cache(l1_enabled=False), make_cache()
     b.set("k", {"v": 1})
-    version = raw.get(f"hi:{namespace}:v:k")
+    version = raw.get(Keyspace(namespace).version("k"))
     assert version is not None and len(version) == 16
-    assert raw.get(f"hi:{namespace}:d:k") == version + b'j{"v":1}'
+    assert raw.get(Keyspace(namespace).data("k")) == version + b'j{"v":1}'
     commands: list[tuple[object, ...]] = []
     real = a.l2._execute  # type: ignore[attr-defined]
 
@@ -376,7 +377,7 @@ def test_long_fill_skips_l2_rather_than_trust_an_expired_version(
     import time
 
     a.get_or_set("slow", lambda: time.sleep(0.15) or "v")
-    assert raw.get(f"hi:{namespace}:d:slow") is None
+    assert raw.get(Keyspace(namespace).data("slow")) is None
     assert a.stats()["l2_cas_rejections"] == 1
 
 
@@ -416,7 +417,7 @@ def test_duplicated_and_reordered_messages_converge(make_cache: CacheFactory) ->
     m1 = encode_message("other", 1, ["x"])
     m2 = encode_message("other", 2, ["y"])
     for payload in (m2, m1, m2, m1):
-        a.on_message(payload)
+        a._coherence.on_message(payload)
     assert a.l1.entries == {}
     assert a.stats()["invalidations_received"] == 4
 
@@ -425,7 +426,7 @@ def test_own_echo_does_not_cancel_own_fresh_fill(make_cache: CacheFactory) -> No
     a = make_cache()
     a.invalidate("k")  # its echo may still be on the way
     a.get_or_set("k", lambda: "fresh")
-    a.on_message(encode_message(a.instance_id, 999, ["k"]))
+    a._coherence.on_message(encode_message(a.instance_id, 999, ["k"]))
     assert a.get("k") == "fresh" and "k" in a.l1.entries
     assert a.stats()["echoes_ignored"] >= 1
 
@@ -433,7 +434,7 @@ def test_own_echo_does_not_cancel_own_fresh_fill(make_cache: CacheFactory) -> No
 def test_message_from_a_newer_schema_flushes_everything(make_cache: CacheFactory) -> None:
     a = make_cache()
     a.get_or_set("k", lambda: 1)
-    a.on_message(b'{"v":99,"i":"future","s":1,"t":0,"something":"new"}')
+    a._coherence.on_message(b'{"v":99,"i":"future","s":1,"t":0,"something":"new"}')
     assert a.l1.entries == {}
 
 
@@ -451,7 +452,7 @@ def test_malformed_messages_are_counted_and_survived(
     a, b = make_cache(), make_cache()
     a.get_or_set("k", lambda: 1)
     with caplog.at_level(logging.WARNING, logger="hybridinval"):
-        raw.publish(f"hi:{namespace}:inval", payload)
+        raw.publish(Keyspace(namespace).channel, payload)
         wait_until(lambda: a.stats()["messages_malformed"] == 1, what="malformed counted")
         # Counted, then logged, on the subscriber thread: wait for the log line too.
         wait_until(lambda: "malformed" in caplog.text, what="malformed logged")
@@ -511,12 +512,12 @@ def test_corrupt_l2_payload_is_a_logged_counted_replaced_miss(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     a = make_cache()
-    raw.set(f"hi:{namespace}:d:k", b"\x80garbage")
+    raw.set(Keyspace(namespace).data("k"), b"\x80garbage")
     with caplog.at_level(logging.WARNING, logger="hybridinval"):
         assert a.get_or_set("k", lambda: {"ok": True}) == {"ok": True}
     assert "corrupt L2 payload for 'k'" in caplog.text
     assert a.stats()["l2_corrupt"] == 1
-    assert raw.get(f"hi:{namespace}:d:k") == b"-" * 16 + b'j{"ok":true}'  # replaced
+    assert raw.get(Keyspace(namespace).data("k")) == b"-" * 16 + b'j{"ok":true}'  # replaced
 
 
 def test_default_serializer_does_not_unpickle_a_planted_payload(
@@ -524,7 +525,7 @@ def test_default_serializer_does_not_unpickle_a_planted_payload(
 ) -> None:
     a = make_cache()
     planted = PickleSerializer(b"attacker-knows-no-secret").dumps({"evil": 1})
-    raw.set(f"hi:{namespace}:d:k", planted)
+    raw.set(Keyspace(namespace).data("k"), planted)
     assert a.get("k") is None
     assert a.stats()["l2_corrupt"] == 1
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from support.waiting import wait_until
 
-import hybridinval._cache as cache_module
+import hybridinval._hitpath as cache_module
 from hybridinval import HybridCache
 from hybridinval.errors import CacheClosedError
 
@@ -203,14 +203,14 @@ def test_pure_python_can_be_forced_by_environment(
     monkeypatch: pytest.MonkeyPatch, speedups: Any
 ) -> None:
     monkeypatch.setenv("HYBRIDINVAL_PURE_PYTHON", "1")
-    assert cache_module._load_speedups() is None
+    assert cache_module.load_speedups() is None
     monkeypatch.delenv("HYBRIDINVAL_PURE_PYTHON")
-    assert cache_module._load_speedups() is not None
+    assert cache_module.load_speedups() is not None
 
 
 def test_a_foreign_clock_disables_the_c_path(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, speedups: Any
 ) -> None:
     monkeypatch.setattr(speedups, "monotonic", lambda: time.monotonic() + 3600.0)
-    assert cache_module._load_speedups() is None
+    assert cache_module.load_speedups() is None
     assert "different clock" in caplog.text

@@ -1,45 +1,24 @@
-"""One behaviour suite for every L1 store: the contract of hybridinval._l1.L1Store."""
+"""MemoryL1: bounded CLOCK eviction, expiry, and the map the hit path reads."""
 
 from __future__ import annotations
 
 import pytest
 
-from hybridinval import MemoryL1, NullL1
+from hybridinval import MemoryL1
+
+# The behaviour every L1 store owes the cache is checked by hybridinval.testing.L1StoreContract
+# (tests/core/test_contracts.py, for MemoryL1 and NullL1); what follows is MemoryL1's own.
 
 
-@pytest.fixture(params=["memory", "null"])
-def l1(request: pytest.FixtureRequest) -> MemoryL1 | NullL1:
-    return MemoryL1(max_entries=4) if request.param == "memory" else NullL1()
-
-
-def test_store_evict_clear_are_idempotent(l1: MemoryL1 | NullL1) -> None:
-    l1.store("a", 1, 100.0)
-    l1.store("a", 1, 100.0)
-    assert l1.evict_many(["a", "a", "missing"]) == (1 if isinstance(l1, MemoryL1) else 0)
-    assert l1.evict_many(["a"]) == 0
-    l1.store("b", 2, 100.0)
-    l1.clear()
-    assert l1.clear() == 0
-    assert l1.entries == {}
-
-
-def test_entries_dict_is_never_replaced(l1: MemoryL1 | NullL1) -> None:
-    # The cache binds l1.entries once for its lock-free hot path.
+def test_memory_l1_entries_dict_is_never_replaced() -> None:
+    # The cache's hit path binds MemoryL1.entries once and reads it without a lock.
+    l1 = MemoryL1(max_entries=4)
     entries = l1.entries
     for i in range(10):
         l1.store(f"k{i}", i, 100.0)
     l1.expire(1000.0)
     l1.clear()
     assert l1.entries is entries
-
-
-def test_expire_removes_only_due_entries(l1: MemoryL1 | NullL1) -> None:
-    l1.store("soon", 1, 10.0)
-    l1.store("later", 2, 20.0)
-    l1.expire(15.0)
-    assert "soon" not in l1.entries
-    if isinstance(l1, MemoryL1):
-        assert l1.entries["later"][0] == 2
 
 
 def test_memory_l1_replaced_entry_keeps_its_new_deadline() -> None:

@@ -60,11 +60,11 @@ class StuckInListener:
     """Blocks the subscriber inside on_message for the first message after arming."""
 
     def __init__(self, cache: HybridCache) -> None:
-        self.original = cache.on_message
+        self.original = cache._coherence.on_message
         self.armed = False
         self.stuck = threading.Event()
         self.release = threading.Event()
-        cache.on_message = self  # type: ignore[method-assign]  # looked up per call
+        cache._coherence.on_message = self  # type: ignore[method-assign]  # looked up per call
 
     def __call__(self, payload: bytes) -> None:
         if self.armed:
@@ -200,15 +200,18 @@ def test_a_transport_that_cannot_report_progress_runs_without_a_lease(
     base = HybridCache.from_url(redis_url, namespace=namespace)
 
     class Opaque:
-        """Delegates everything but caught_up()."""
+        """Delegates everything, but cannot prove delivery progress."""
+
+        tracks_delivery = False
 
         def __init__(self, inner: Any) -> None:
             self._inner = inner
             self.channel = inner.channel
 
+        def caught_up(self, timeout: float) -> float | None:
+            raise AssertionError("a transport that does not track delivery is never asked")
+
         def __getattr__(self, name: str) -> Any:
-            if name == "caught_up":
-                raise AttributeError(name)
             return getattr(self._inner, name)
 
     try:

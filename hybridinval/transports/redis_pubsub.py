@@ -1,10 +1,4 @@
-"""The backplane: how every process learns which L1 entries to evict.
-
-Two halves live here:
-
-* the message format: small, versioned JSON carrying the schema version, the sender's
-  instance id, a per-sender sequence number, the send time (for lag metrics) and the keys;
-* :class:`RedisPubSubTransport`: a subscriber thread on its own Redis connection.
+"""Redis Pub/Sub as the backplane: a subscriber thread on its own, health-checked connection.
 
 Redis Pub/Sub is at-most-once: a message published while a subscriber is disconnected is lost,
 and redis-py would resubscribe silently. So the subscriber here owns its connection and reports
@@ -13,146 +7,42 @@ health-check PING unanswered on a half-open socket) through ``on_blind`` *before
 anything else, and reports ``on_connected`` only once Redis has confirmed the SUBSCRIBE. The cache
 flushes L1 and refuses L1 stores between the two.
 
-This module must never raise into the subscriber loop's caller or die on bad input: a malformed
-message is logged, counted and dropped.
+When L2 is a :class:`~hybridinval.RedisL2` on the same server, its write scripts publish the
+message themselves (:meth:`RedisPubSubTransport.script_channel`): one round trip, and the message
+never leaves before the deletes. On any other L2 the cache calls :meth:`publish` after the
+writes.
+
+Nothing here raises into the subscriber loop's caller or dies on bad input.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import select
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import redis
+from redis.connection import parse_url
 from redis.exceptions import RedisError
 
-from .errors import BackendUnavailableError
+from .._l2 import L2Store, RedisL2, redis_endpoint
+from ..errors import BackendUnavailableError
+from ._base import TICK_INTERVAL, BackplaneListener
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BackplaneListener",
-    "MalformedMessage",
-    "Message",
-    "RedisPubSubTransport",
-    "Transport",
-    "decode_message",
-    "encode_message",
-]
+__all__ = ["RedisPubSubTransport"]
 
 log = logging.getLogger("hybridinval.backplane")
-
-SCHEMA_VERSION = 1
-TICK_INTERVAL = 0.1
-
-
-class MalformedMessage(ValueError):
-    """A backplane payload that is not a message this version can read."""
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    version: int
-    sender: str
-    seq: int
-    sent_at_ns: int  # time.time_ns() at the sender
-    keys: tuple[str, ...]
-    flush: bool  # evict everything (cache.clear(), or a message from a newer schema)
-
-
-def encode_message(sender: str, seq: int, keys: Sequence[str], *, flush: bool = False) -> bytes:
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "i": sender, "s": seq, "t": time.time_ns()}
-    if flush:
-        body["f"] = 1
-    body["k"] = list(keys)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def decode_message(payload: bytes) -> Message:
-    """Parse and validate a payload. A newer schema version decodes to a flush-everything message:
-    we cannot know which keys it names, and evicting everything is always safe."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise MalformedMessage("not a JSON object")
-    version = body.get("v")
-    if type(version) is not int or version < 1:
-        raise MalformedMessage(f"field 'v' must be a positive int, got {version!r}")
-    sender, seq, sent_at = body.get("i"), body.get("s", 0), body.get("t", 0)
-    if type(sender) is not str:
-        raise MalformedMessage(f"field 'i' must be a string, got {sender!r}")
-    if type(seq) is not int or type(sent_at) is not int:
-        raise MalformedMessage("fields 's' and 't' must be ints")
-    if version > SCHEMA_VERSION:
-        return Message(version, sender, seq, sent_at, (), True)
-    keys = body.get("k")
-    if not isinstance(keys, list) or not all(type(k) is str for k in keys):
-        raise MalformedMessage("field 'k' must be a list of strings")
-    return Message(version, sender, seq, sent_at, tuple(keys), bool(body.get("f")))
-
-
-class BackplaneListener(Protocol):
-    """What a transport reports to the cache. Called from the subscriber thread."""
-
-    def on_message(self, payload: bytes) -> None: ...
-
-    def on_connected(self) -> None:
-        """Subscribed and confirmed: messages published from now on will arrive."""
-        ...
-
-    def on_blind(self, reason: str) -> None:
-        """Messages may have been missed. Called before any reconnect attempt."""
-        ...
-
-    def on_tick(self) -> None:
-        """Housekeeping (L1 expiry); called at least every ``TICK_INTERVAL`` while subscribed."""
-        ...
-
-
-class Transport(Protocol):
-    """The backplane seam."""
-
-    channel: str
-
-    def publish(self, message: bytes) -> None:
-        """Send ``message`` to every subscriber. Raises ``BackendUnavailableError``."""
-        ...
-
-    def start(self, listener: BackplaneListener) -> None:
-        """Start delivering to ``listener`` in the background. Must not block on the network."""
-        ...
-
-    def stop(self) -> None:
-        """Stop delivering and release the connection. Idempotent."""
-        ...
-
-    def reset_after_fork(self) -> None:
-        """Forget the parent's thread and sockets without network I/O (we are a new child)."""
-        ...
-
-    def caught_up(self, timeout: float) -> float | None:
-        """Wait up to ``timeout`` seconds until every message that has reached this process has
-        been handed to the listener. Returns a ``time.monotonic()`` reading taken before a check
-        that proved it (any message that arrived before that moment has been applied), or
-        ``None`` on timeout. While not subscribed there is nothing to wait for (the listener was
-        told it is blind): return at once. Called from reader threads, never blocks the
-        subscriber. (A duck-typed transport without this method gets no L1 lease: the cache
-        then relies on delivery alone, and logs so.)"""
-        ...
 
 
 class RedisPubSubTransport:
     """Redis Pub/Sub with health-checked subscription and loud blindness.
 
-    ``health_check_interval``: how often the subscriber PINGs through its own connection. A PONG
+    ``channel`` is the namespace's (``Keyspace(namespace).channel``). ``health_check_interval``:
+    how often the subscriber PINGs through its own connection. A PONG
     proves every message published before the PING was delivered; no PONG within
     ``health_check_timeout`` means the socket is half-open, and the cache goes blind. So a silent
     network failure is noticed within ``interval + timeout``.
@@ -172,6 +62,7 @@ class RedisPubSubTransport:
             raise ValueError("health_check_interval and health_check_timeout must be > 0")
         self.url = url
         self.channel = channel
+        self.endpoint = redis_endpoint(parse_url(url))  # type: ignore[no-untyped-call]
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
@@ -202,7 +93,15 @@ class RedisPubSubTransport:
         self._progress = threading.Condition(threading.Lock())
         self._waiters = 0
 
-    # -- publishing (used when the L2 cannot piggyback the message) ------------------------
+    tracks_delivery = True
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def script_channel(self, l2: L2Store) -> str | None:
+        # Pub/Sub channels are server-wide (not per database), so the same server is enough.
+        if isinstance(l2, RedisL2) and l2.endpoint == self.endpoint:
+            return self.channel
+        return None
 
     def publish(self, message: bytes) -> None:
         if self._publisher is None:

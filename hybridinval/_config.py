@@ -1,0 +1,178 @@
+"""One configuration for a cache, used by its constructor and by ``from_url``.
+
+Every option is documented once, here. ``HybridCache(l2=..., transport=..., config=...)`` and
+``HybridCache.from_url(url, config=...)`` both take a :class:`CacheConfig`, and both also accept
+its fields as keyword arguments (``from_url(url, namespace="app")``), which override the
+config's. The options under "Redis" are used only by ``from_url``, which builds the seams from
+them; a cache built from seams gets them from the seams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._l1 import L1Store, MemoryL1, NullL1
+from ._l2 import RedisL2, redis_client
+from .keyspace import MAX_KEY_LENGTH, Keyspace, check_namespace
+from .serializers import Serializer, get_serializer
+from .transports import RedisPubSubTransport, Transport
+
+__all__ = [
+    "DEFAULT_L1_LEASE",
+    "DEFAULT_L1_LEASE_WAIT",
+    "DEFAULT_SWITCH_INTERVAL",
+    "CacheConfig",
+    "build_redis_seams",
+]
+
+DEFAULT_SWITCH_INTERVAL = 0.0005
+DEFAULT_L1_LEASE = 0.001
+DEFAULT_L1_LEASE_WAIT = 0.05
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """How a :class:`~hybridinval.HybridCache` behaves. Frozen; ``dataclasses.replace`` or
+    keyword arguments to the cache derive variants. Invalid values raise ``ValueError`` or
+    ``TypeError`` naming the option."""
+
+    namespace: str = "default"
+    """Prefixes every Redis name (see :mod:`hybridinval.keyspace`), so several applications can
+    share one Redis. Caches share invalidations only within one namespace."""
+
+    l1_ttl: float = 60.0
+    """Default lifetime of an L1 entry, in seconds (a call's ``ttl`` or ``l1_ttl`` caps it). A
+    memory policy: coherence comes from invalidation, never from expiry."""
+
+    l2_ttl: float = 3600.0
+    """Default lifetime of an L2 value, in seconds (a call's ``ttl`` overrides it)."""
+
+    l1_max_entries: int = 10_000
+    """Bound on L1's size; beyond it the least recently used entries go (CLOCK)."""
+
+    l1_enabled: bool = True
+    """``False``: no L1 at all, every read goes to L2 (for measuring, or values that must not
+    linger in process memory)."""
+
+    max_key_length: int = MAX_KEY_LENGTH
+    """Longest key accepted, in characters. Keys travel in every backplane message."""
+
+    serializer: str | Serializer = "json"
+    """``"json"`` (default, safe), ``"pickle"`` (signed: needs ``serializer_secret``) or any
+    :class:`~hybridinval.Serializer`."""
+
+    serializer_secret: bytes | str | None = None
+    """The HMAC key of the pickle serializer; every process of the namespace needs the same."""
+
+    l1_lease: float | None = DEFAULT_L1_LEASE
+    """How long, in seconds, L1 may answer reads without checking that the backplane has applied
+    every message that reached this process. Delivery alone bounds nothing on a busy machine:
+    a descheduled process's request threads can serve many L1 hits before its subscriber thread
+    runs again. With the lease, a read that begins more than ``l1_lease`` after an invalidation
+    reached this process never returns the old value from L1. It costs one clock read per L1 hit
+    and one non-blocking ``select()`` per lease period. ``None`` drops the check (staleness is
+    then bounded only by how soon the subscriber thread runs)."""
+
+    l1_lease_wait: float = DEFAULT_L1_LEASE_WAIT
+    """How long a reader waits for a lagging subscriber before it flushes L1 instead (counted as
+    ``lease_flushes``)."""
+
+    switch_interval: float | None = DEFAULT_SWITCH_INTERVAL
+    """The interpreter's thread switch interval (``sys.setswitchinterval``) the cache lowers to
+    when its subscriber starts. The subscriber needs the GIL to evict; behind a CPU-bound thread
+    it waits up to one interval per GIL hand-off, and applying a message takes a few. The
+    setting is process-wide and only ever lowered; it costs nothing while one thread runs.
+    ``None`` leaves it alone."""
+
+    count_hits: bool = False
+    """Count L1 hits for ``stats()["l1_hits"]``: free on the C hit path; on the pure-Python path
+    a wrapper counts, which costs about as much as the hit itself. Other counters are always
+    on."""
+
+    lag_samples: int = 4096
+    """How many recent backplane lags ``stats()`` keeps for its percentiles."""
+
+    # -- Redis (from_url only) --------------------------------------------------------------
+
+    version_ttl: float = 600.0
+    """Lifetime of a key's version token after its last change, in seconds; a fill that runs
+    longer than half of it does not write L2 (its compare-and-set would prove nothing)."""
+
+    socket_timeout: float = 1.0
+    """Seconds a Redis command may take before the call fails over (reads fall back to the
+    loader; writes raise ``BackendUnavailableError``)."""
+
+    health_check_interval: float = 0.5
+    """How often the subscriber PINGs through its own connection; with
+    ``health_check_timeout`` it bounds how long a silently dead connection goes unnoticed."""
+
+    health_check_timeout: float = 0.5
+    """How long the subscriber waits for a PONG before it declares the connection dead."""
+
+    client_name: str | None = None
+    """Labels the cache's Redis connections (``CLIENT LIST``), to tell processes apart."""
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+        for name in ("l1_ttl", "l2_ttl", "version_ttl", "socket_timeout"):
+            _positive(name, getattr(self, name))
+        for name in ("health_check_interval", "health_check_timeout"):
+            _positive(name, getattr(self, name))
+        for name in ("l1_max_entries", "max_key_length", "lag_samples"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.l1_lease is not None:
+            _positive("l1_lease", self.l1_lease)
+        if self.l1_lease_wait < 0:
+            raise ValueError(f"l1_lease_wait must be >= 0, got {self.l1_lease_wait!r}")
+        if self.switch_interval is not None:
+            _positive("switch_interval", self.switch_interval)
+
+    @classmethod
+    def of(cls, config: CacheConfig | None, options: Mapping[str, Any]) -> CacheConfig:
+        """``config`` (or the defaults) with ``options`` applied; an unknown option is a
+        ``TypeError`` that names it."""
+        base = config if config is not None else _DEFAULT
+        if not options:
+            return base
+        unknown = sorted(set(options) - _FIELDS)
+        if unknown:
+            raise TypeError(
+                f"unknown cache option(s) {', '.join(map(repr, unknown))}; "
+                f"the options are the fields of CacheConfig: {', '.join(sorted(_FIELDS))}"
+            )
+        return dataclasses.replace(base, **options)
+
+    def build_l1(self) -> L1Store:
+        return MemoryL1(self.l1_max_entries) if self.l1_enabled else NullL1()
+
+    def build_serializer(self) -> Serializer:
+        return get_serializer(self.serializer, secret=self.serializer_secret)
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+_FIELDS = frozenset(field.name for field in dataclasses.fields(CacheConfig))
+_DEFAULT = CacheConfig()
+
+
+def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport]:
+    """L2 and the backplane on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    keyspace = Keyspace(config.namespace)
+    named = {"client_name": config.client_name} if config.client_name else {}
+    client = redis_client(url, socket_timeout=config.socket_timeout, **named)
+    transport = RedisPubSubTransport(
+        url,
+        keyspace.channel,
+        health_check_interval=config.health_check_interval,
+        health_check_timeout=config.health_check_timeout,
+        connection_options=named,
+    )
+    return RedisL2(client, keyspace, version_ttl=config.version_ttl), transport

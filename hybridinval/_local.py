@@ -1,0 +1,166 @@
+"""The per-process state every part of the cache stands on: L1, in-flight fills, the epoch.
+
+:class:`LocalState` is the floor below the read path (:mod:`._cache`), the backplane listener
+(:mod:`._coherence`), the after-commit publisher (:mod:`._publish`) and the hit paths
+(:mod:`._hitpath`). They share it and nothing else, so none of them calls back up into another.
+One instance belongs to one OS process: a forked child builds a new one.
+
+The fill guard lives here. A fill may store in L1 only if, under :attr:`LocalState.lock`, it was
+not cancelled (an invalidation of its key arrived while it was in flight), the epoch did not
+move (no flush, no blind period began or ended) and the backplane is trusted: a value read
+before an invalidation is never stored after it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from ._l1 import Entry, L1Store
+
+__all__ = ["COUNTERS", "MISSING", "Fill", "LocalState"]
+
+MISSING: Any = object()
+"""No value: a miss (distinct from a cached ``None``)."""
+
+COUNTERS = (
+    "l1_misses",
+    "l2_hits",
+    "l2_misses",
+    "l2_errors",
+    "l2_corrupt",
+    "l2_cas_rejections",
+    "loads",
+    "single_flight_waits",
+    "fill_guard_rejections",
+    "invalidations_sent",
+    "keys_invalidated",
+    "invalidations_received",
+    "keys_evicted_remote",
+    "echoes_ignored",
+    "messages_malformed",
+    "flushes",
+    "blind_periods",
+    "publish_failures",
+    "publish_retries_succeeded",
+    "l1_restored",
+    "l1_quarantine_dropped",
+    "lease_waits",
+    "lease_flushes",
+)
+"""The event counters of ``HybridCache.stats()`` (see :class:`hybridinval.CacheStats`)."""
+
+
+class Fill:
+    """One in-flight load of one key: its guard and, for single flight, its future."""
+
+    __slots__ = ("_done", "cancelled", "epoch", "error", "value")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.cancelled = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        # A held lock is the cheapest "done" flag to wait on (an Event builds a Condition).
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def finish(self) -> None:
+        self._done.release()
+
+    def wait(self) -> Any:
+        with self._done:  # each waiter passes the released lock on to the next
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class LocalState:
+    """This process's L1, its in-flight fills, the epoch and the trust flag, under one lock.
+
+    Methods named ``*_locked`` expect :attr:`lock` held; the others take it.
+    """
+
+    __slots__ = (
+        "epoch",
+        "fills",
+        "l1",
+        "lock",
+        "quarantine",
+        "quarantined_at",
+        "restoring",
+        "stats",
+        "trusted",
+    )
+
+    def __init__(self, l1: L1Store) -> None:
+        self.lock = threading.Lock()
+        self.l1 = l1
+        self.fills: dict[str, Fill] = {}
+        self.epoch = 0
+        # True only while the backplane is confirmed subscribed: L1 may be stored and served.
+        self.trusted = False
+        # L1 entries set aside while the backplane is blind, and the keys of a restore in
+        # progress (see hybridinval._coherence).
+        self.quarantine: dict[str, Entry] = {}
+        self.quarantined_at = 0.0
+        self.restoring: set[str] | None = None
+        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    # -- fills --------------------------------------------------------------------------------
+
+    def store_if_guarded(
+        self, key: str, fill: Fill, value: Any, expires_at: float, version: bytes | None
+    ) -> bool:
+        """Store a fill's value in L1 if the fill guard allows it (under the lock)."""
+        with self.lock:
+            if fill.cancelled or fill.epoch != self.epoch or not self.trusted:
+                self.stats["fill_guard_rejections"] += 1
+                stored = False
+            else:
+                self.l1.store(key, value, expires_at, version)
+                stored = True
+            self.end_fill_locked(key, fill)
+        return stored
+
+    def end_fill_locked(self, key: str, fill: Fill) -> None:
+        if self.fills.get(key) is fill:
+            del self.fills[key]
+
+    # -- eviction -----------------------------------------------------------------------------
+
+    def evict(self, keys: Iterable[str]) -> None:
+        """Evict ``keys`` from L1 and cancel their in-flight fills."""
+        with self.lock:
+            self.l1.evict_many(keys)
+            self.cancel_locked(keys)
+
+    def cancel_locked(self, keys: Iterable[str]) -> None:
+        if self.restoring is not None:
+            keys = list(keys)
+            self.restoring.difference_update(keys)
+        fills = self.fills
+        for key in keys:
+            # Popping, not just flagging: a caller arriving after the invalidation must start a
+            # fresh load instead of joining one that read the old value.
+            fill = fills.pop(key, None)
+            if fill is not None:
+                fill.cancelled = True
+
+    def flush(self) -> None:
+        with self.lock:
+            self.flush_locked()
+
+    def flush_locked(self, *, keep_quarantine: bool = False) -> None:
+        """Empty L1, cancel every fill and move the epoch (no fill begun before may store)."""
+        self.stats["flushes"] += 1
+        if not keep_quarantine:
+            self.quarantine = {}
+        self.restoring = None
+        self.l1.clear()
+        for fill in self.fills.values():
+            fill.cancelled = True
+        self.fills.clear()
+        self.epoch += 1
