@@ -63,8 +63,10 @@ class EmbeddedRedis:
     _shared_users = 0
     _lock = threading.Lock()
 
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="hybridinval-redis-")
+    def __init__(self, directory: str | None = None) -> None:
+        """Start the server; its files live in a new directory under ``directory`` (the
+        temporary directory by default), removed when it stops."""
+        self.dir = tempfile.mkdtemp(prefix="hybridinval-redis-", dir=directory)
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._owner_pid = os.getpid()
@@ -91,20 +93,31 @@ class EmbeddedRedis:
             # stopped the processes that use it; the owner stops it (or atexit does).
             start_new_session=True,
         )
+        try:  # anything, a KeyboardInterrupt included, that ends the wait stops the server
+            self._wait_ready()
+        except BaseException:
+            self.terminate()
+            raise
+        atexit.register(self.terminate)
+
+    @property
+    def pid(self) -> int:
+        """The ``redis-server`` process's id."""
+        return self._proc.pid
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
-                        break
+                        return
             except OSError:
                 pass
             if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.terminate()
                 raise BackendUnavailableError(f"embedded redis-server did not start ({self.dir})")
             time.sleep(0.02)
-        atexit.register(self.terminate)
 
     @classmethod
     def start(cls) -> EmbeddedRedis:
@@ -127,14 +140,15 @@ class EmbeddedRedis:
 
     def terminate(self) -> None:
         # Only the process that started the server may stop it (a forked child must not).
-        if os.getpid() != self._owner_pid or self._proc.poll() is not None:
+        if os.getpid() != self._owner_pid:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support.embedded_procs import reader, run_forked_pair, writer_then_invalidate
@@ -161,3 +163,31 @@ def test_a_directory_others_can_enter_is_refused(
     os.chmod(shared_dir, 0o755)
     with pytest.raises(BackendUnavailableError, match="mode 0700"):
         HybridCache.from_url()
+
+
+def test_a_private_server_lives_in_the_directory_given_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = embedded.EmbeddedRedis(directory=str(tmp_path))
+    assert os.path.dirname(server.dir) == str(tmp_path) and _alive(server.pid)
+    server.terminate()
+    assert not os.path.exists(server.dir)
+    # An interrupt while it waits for the server to answer stops the server too.
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> Any:
+        proc = real_popen(*args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    def interrupted(self: embedded.EmbeddedRedis) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(embedded.EmbeddedRedis, "_wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.EmbeddedRedis(directory=str(tmp_path))
+    assert len(started) == 1
+    wait_until(lambda: not _alive(started[0]), what="server stopped")
+    assert os.listdir(tmp_path) == []
