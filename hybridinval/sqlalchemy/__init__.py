@@ -112,7 +112,7 @@ from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.expression import CTE, BindParameter, ClauseElement, UpdateBase
 
-from .errors import (
+from ..errors import (
     SessionNotInstalledError,
     SQLAlchemyIntegrationError,
     TransactionStateError,
@@ -122,7 +122,7 @@ from .errors import (
 if TYPE_CHECKING:
     from sqlalchemy.orm import SessionTransaction
 
-    from ._cache import HybridCache
+    from .._cache import HybridCache
 
 __all__ = [
     "Installation",
