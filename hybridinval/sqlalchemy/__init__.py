@@ -151,6 +151,93 @@ _PER_STATEMENT_SNAPSHOT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTO
 _MISSING: Any = object()
 
 
+# -- process state -----------------------------------------------------------------------------
+
+
+class _Registry:
+    """Everything the integration keeps for the whole process, in one object: :data:`registry`.
+
+    Its containers are made here once and never rebound, only changed in place, so a hot path
+    (every statement, every read, every flushed row) may bind one to a module-level name at
+    import time instead of looking it up through the registry each time. ``generation`` is the
+    one value that is rebound: read it as ``registry.generation``.
+
+    ``lock`` guards every change that must be seen whole: tracking (``tracked`` with
+    ``specs_by_class``), installing (``installations`` with ``generation``) and listening on an
+    engine (``watched_engines``). The per-statement and per-read paths read without it.
+    """
+
+    __slots__ = (
+        "generation",
+        "installations",
+        "lock",
+        "outer_pending",
+        "outer_pending_data",
+        "specs_by_class",
+        "tracked",
+        "uow_by_connection",
+        "uow_by_connection_data",
+        "warned_dialects",
+        "watched_engines",
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        # track(): the templates of each tracked class. Weak on the classes: a declarative
+        # registry that is disposed (tests, plugins) frees its classes.
+        self.tracked: weakref.WeakKeyDictionary[type, _ModelSpec] = weakref.WeakKeyDictionary()
+        # Templates that apply to a class, its own and its tracked bases' (inheritance): computed
+        # on first use, cleared on every track()/untrack().
+        self.specs_by_class: weakref.WeakKeyDictionary[type, tuple[_ModelSpec, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # install(): the live installations in the order they were made; the first one that
+        # covers a session is its primary.
+        self.installations: list[Installation] = []
+        # Moved on every install and uninstall: a session's unit of work remembers which
+        # installations cover it, and looks again when this has moved.
+        self.generation = 0
+        # The unit of work of each connection an installed session began. Values are weak
+        # references: a unit of work holds its connections, and a strong value would keep its
+        # own key alive (and the pooled connection of an abandoned session checked out for ever).
+        self.uow_by_connection: weakref.WeakKeyDictionary[Connection, weakref.ref[_UnitOfWork]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Its underlying dict, for the per-statement emptiness test (WeakKeyDictionary's own
+        # __len__ is Python code).
+        self.uow_by_connection_data: dict[Any, Any] = self.uow_by_connection.data  # type: ignore[attr-defined]
+        # Engines whose statements are watched (handle_error, before_execute and after_execute
+        # are listened on once per engine). Weak: a disposed engine is freed.
+        self.watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # Keys and callbacks that joined sessions handed to the outer connection-level
+        # transaction of each connection: published after its COMMIT, dropped on ROLLBACK.
+        self.outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Its underlying dict, for the per-read emptiness test.
+        self.outer_pending_data: dict[Any, _OuterPending] = self.outer_pending.data  # type: ignore[attr-defined]
+        # Dialects already warned about (they override do_commit()): one warning per process.
+        self.warned_dialects: set[str] = set()
+
+    def add_installation(self, installation: Installation) -> None:
+        """Register ``installation`` after the others; every session looks again."""
+        with self.lock:
+            self.installations.append(installation)
+            self.generation += 1
+
+    def remove_installation(self, installation: Installation) -> None:
+        """Forget ``installation`` (idempotent); every session looks again."""
+        with self.lock:
+            if installation in self.installations:
+                self.installations.remove(installation)
+            self.generation += 1
+
+
+registry = _Registry()
+# Bound once (the registry never rebinds it): read on every read through a session.
+_outer_pending_data = registry.outer_pending_data
+
+
 # -- key templates and tracked models --------------------------------------------------------
 
 
@@ -238,14 +325,8 @@ class _ModelSpec:
         self.fields = tuple(dict.fromkeys(f for t in templates for f in t.fields))
 
 
-_registry_lock = threading.RLock()
-# Weak on the classes: a registry that is disposed (tests, plugins) frees its classes.
-_tracked: weakref.WeakKeyDictionary[type, _ModelSpec] = weakref.WeakKeyDictionary()
-# Templates that apply to a class, its own and its tracked bases' (inheritance): computed on
-# first use, cleared on every track()/untrack().
-_specs_by_class: weakref.WeakKeyDictionary[type, tuple[_ModelSpec, ...]] = (
-    weakref.WeakKeyDictionary()
-)
+# Bound once (the registry never rebinds it): read for every row a flush writes.
+_specs_by_class = registry.specs_by_class
 
 
 def track(
@@ -284,24 +365,25 @@ def track(
     # track() can run right after the class statement, before related classes exist.
     columns = dict(mapper.columns.items())
     spec = _ModelSpec(tuple(_KeyTemplate(text, model, columns) for text in keys))
-    with _registry_lock:
+    with registry.lock:
         _install_mapper_listeners()
-        _tracked[model] = spec
-        _specs_by_class.clear()
+        registry.tracked[model] = spec
+        registry.specs_by_class.clear()
 
 
 def untrack(model: type) -> None:
     """Stop invalidating keys for ``model`` (mostly for tests). Idempotent."""
-    with _registry_lock:
-        _tracked.pop(model, None)
-        _specs_by_class.clear()
+    with registry.lock:
+        registry.tracked.pop(model, None)
+        registry.specs_by_class.clear()
 
 
 def _specs_for(cls: type) -> tuple[_ModelSpec, ...]:
     specs = _specs_by_class.get(cls)
     if specs is None:
-        with _registry_lock:
-            specs = tuple(_tracked[c] for c in cls.__mro__ if c in _tracked)
+        with registry.lock:
+            tracked = registry.tracked
+            specs = tuple(tracked[c] for c in cls.__mro__ if c in tracked)
             _specs_by_class[cls] = specs
     return specs
 
@@ -404,14 +486,10 @@ class _UnitOfWork:
         if not _outer_pending_data:
             return False
         for conn in self.connections:
-            outer = _outer_pending.get(conn)
+            outer = registry.outer_pending.get(conn)
             if outer is not None and key in outer.keys:
                 return True
         return False
-
-
-_installations: list[Installation] = []
-_generation = 0
 
 
 def _sync_session(session: Any) -> Session:
@@ -427,14 +505,14 @@ def _sync_session(session: Any) -> Session:
 def _uow_for(session: Session) -> _UnitOfWork | None:
     """The session's unit of work, or None if no installation covers its class."""
     uow: _UnitOfWork | None = session.info.get(_INFO_KEY)
-    if uow is not None and uow.generation == _generation:
+    if uow is not None and uow.generation == registry.generation:
         return uow if uow.primary is not None else None
-    with _registry_lock:
-        matching = [i for i in _installations if isinstance(session, i.session_class)]
+    with registry.lock:
+        matching = [i for i in registry.installations if isinstance(session, i.session_class)]
         if uow is None:
             uow = _UnitOfWork(session)
             session.info[_INFO_KEY] = uow
-        uow.generation = _generation
+        uow.generation = registry.generation
         uow.primary = matching[0] if matching else None
         uow.caches = tuple({id(i.cache): i.cache for i in matching}.values())
         uow.max_key_length = min((c.max_key_length for c in uow.caches), default=0)
@@ -476,24 +554,17 @@ class Installation:
         self.installed = False
 
     def _install(self) -> None:
-        global _generation
         for name, fn in self._listeners:
             event.listen(self.session_class, name, fn)
-        with _registry_lock:
-            _installations.append(self)
-            _generation += 1
+        registry.add_installation(self)
         self.installed = True
 
     def uninstall(self) -> None:
         """Remove the listeners. Keys pending in open transactions are dropped. Idempotent."""
-        global _generation
         if not self.installed:
             return
         self.installed = False
-        with _registry_lock:
-            if self in _installations:
-                _installations.remove(self)
-            _generation += 1
+        registry.remove_installation(self)
         for name, fn in self._listeners:
             if event.contains(self.session_class, name, fn):
                 event.remove(self.session_class, name, fn)
@@ -603,36 +674,26 @@ class Installation:
         _run_callbacks(callbacks, self)
 
 
-# The unit of work of each connection an installed session began. Values are weak references:
-# a unit of work holds its connections, and a strong value would keep its own key alive (and the
-# pooled connection of an abandoned session checked out for ever).
-_uow_by_connection: weakref.WeakKeyDictionary[Connection, weakref.ref[_UnitOfWork]] = (
-    weakref.WeakKeyDictionary()
-)
-# Its underlying dict, for the per-statement emptiness test.
-_uow_by_connection_data: dict[Any, Any] = _uow_by_connection.data  # type: ignore[attr-defined]
-_watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
 def _watch_connection(connection: Connection, uow: _UnitOfWork) -> None:
-    _uow_by_connection[connection] = weakref.ref(uow)
+    registry.uow_by_connection[connection] = weakref.ref(uow)
     engine = getattr(connection, "engine", None)
     if not isinstance(engine, Engine):
         return  # a mock or proxy bind: nothing to listen on, no statements to watch
-    if engine not in _watched_engines:
-        with _registry_lock:
-            if engine not in _watched_engines:
+    watched = registry.watched_engines
+    if engine not in watched:
+        with registry.lock:
+            if engine not in watched:
                 event.listen(engine, "handle_error", _on_dbapi_error)
                 event.listen(engine, "before_execute", _on_before_execute)
                 event.listen(engine, "after_execute", _on_after_execute)
-                _watched_engines.add(engine)
+                watched.add(engine)
 
 
 def _on_dbapi_error(context: Any) -> None:
     conn = context.connection
     if conn is None:
         return
-    ref = _uow_by_connection.get(conn)
+    ref = registry.uow_by_connection.get(conn)
     uow = ref() if ref is not None else None
     if uow is None:
         return
@@ -1496,6 +1557,11 @@ def _hold_sqlite_write_lock(conn: Connection) -> None:
         log.debug("could not take the SQLite write lock early: %s", exc)
 
 
+# Bound once (the registry never rebinds them): read for every statement of a watched engine.
+_uow_by_connection = registry.uow_by_connection
+_uow_by_connection_data = registry.uow_by_connection_data
+
+
 def _on_before_execute(
     conn: Connection,
     clauseelement: Any,
@@ -1582,13 +1648,6 @@ class _OuterPending:
         self.caches: dict[int, HybridCache] = {}
 
 
-_outer_pending: weakref.WeakKeyDictionary[Connection, _OuterPending] = weakref.WeakKeyDictionary()
-# Its underlying dict, for the per-read emptiness test (WeakKeyDictionary's own __len__ is Python
-# code). The attribute is never rebound, so binding it once is safe.
-_outer_pending_data: dict[Any, _OuterPending] = _outer_pending.data  # type: ignore[attr-defined]
-_warned_dialects: set[str] = set()
-
-
 def _defer_to_outer(
     conn: Connection,
     keys: list[str],
@@ -1596,10 +1655,10 @@ def _defer_to_outer(
     caches: Iterable[HybridCache],
     installation: Installation,
 ) -> None:
-    entry = _outer_pending.get(conn)
+    entry = registry.outer_pending.get(conn)
     outer = conn.get_transaction()
     if entry is None or entry.transaction is None or entry.transaction() is not outer:
-        entry = _outer_pending[conn] = _OuterPending(outer, installation)
+        entry = registry.outer_pending[conn] = _OuterPending(outer, installation)
     entry.keys.update(dict.fromkeys(keys))
     entry.callbacks.extend(callbacks)
     entry.caches.update((id(c), c) for c in caches)
@@ -1610,7 +1669,7 @@ def _defer_to_outer(
 
 
 def _on_outer_rollback(conn: Connection) -> None:
-    entry = _outer_pending.pop(conn, None)
+    entry = registry.outer_pending.pop(conn, None)
     if entry is not None:
         entry.installation._stats["outer_drops"] += 1
         log.debug("outer transaction rolled back: dropped %d key(s)", len(entry.keys))
@@ -1621,14 +1680,14 @@ def _on_outer_commit(conn: Connection) -> None:
     # now would let a reader cache the old row under the new version. So the publish rides on
     # the COMMIT call itself: the pool's connection proxy forwards ``commit`` to the driver, and
     # an instance attribute there runs first, commits, then publishes.
-    entry = _outer_pending.pop(conn, None)
+    entry = registry.outer_pending.pop(conn, None)
     if entry is None:
         return
     dialect_class = type(conn.dialect)
     if dialect_class.do_commit is not DefaultDialect.do_commit:
         name = dialect_class.__name__
-        if name not in _warned_dialects:
-            _warned_dialects.add(name)
+        if name not in registry.warned_dialects:
+            registry.warned_dialects.add(name)
             log.warning(
                 "dialect %s overrides do_commit(); invalidations held for an outer "
                 "transaction may not be published",
