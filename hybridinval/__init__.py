@@ -10,6 +10,7 @@ from ._embedded import EmbeddedRedis
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store, RedisL2
 from .errors import (
+    AmbiguousCacheError,
     BackendUnavailableError,
     CacheClosedError,
     CorruptPayloadError,
@@ -26,6 +27,7 @@ from .serializers import JsonSerializer, PickleSerializer, Serializer
 
 __all__ = [
     "MAX_KEY_LENGTH",
+    "AmbiguousCacheError",
     "BackendUnavailableError",
     "CacheClosedError",
     "CorruptPayloadError",

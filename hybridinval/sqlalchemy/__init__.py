@@ -2,7 +2,7 @@
 
 Usage::
 
-    from hybridinval.sqlalchemy import install, invalidate_on_commit, track
+    from hybridinval.sqlalchemy import cached, install, invalidate_on_commit, track
 
     track(User, keys=["user:{id}", "user_by_email:{email}"])
     install(SessionFactory, cache)          # sessionmaker, scoped_session, Session subclass,
@@ -13,8 +13,8 @@ Usage::
     # commit() returned: user:1, user_by_email:<old>, user_by_email:<new> and report:42 are gone
     # from L2 and from every process's L1.
 
-    scoped = cache.for_session(session)
-    scoped.get_or_set("user:1", lambda: load_user(session, 1))
+    with SessionFactory() as session:      # reads: never cache what the session changed
+        user = cached(session).get_or_set("user:1", lambda: load_user(session, 1))
 
 How keys are collected
     * Rows the ORM writes at flush (mapper ``after_insert``/``before_update``/``after_update``/
@@ -59,7 +59,7 @@ When keys are published
     disconnect during COMMIT makes ``commit()`` raise although the database may have committed),
     the keys are published anyway: an invalidation of unchanged data costs one miss.
 
-Reading through a session (:class:`SessionCache`)
+Reading through a session (:func:`cached`, a :class:`SessionCache`)
     A key the session has pending changes to (unflushed objects, flushed frames, keys handed to
     an open outer transaction) is loaded from the database and not cached. Neither is any key
     while the session's transaction may hold a snapshot older than the L2 version a fill would
@@ -68,6 +68,10 @@ Reading through a session (:class:`SessionCache`)
     than the invalidations it was checked against. READ COMMITTED, a transaction that has not
     run a statement yet, and pysqlite's default write transactions (which hold the database
     write lock, so nobody else can commit under them) keep caching.
+
+    ``cached(session)`` reads through the cache the session's class was installed with;
+    ``cached(session, cache)`` names one, as it must when installations with different caches
+    cover the session (:class:`~hybridinval.AmbiguousCacheError` otherwise).
 
 Not seen (declare their keys with ``invalidate_on_commit``)
     Raw SQL (``text()``), Core statements on tables rather than mapped classes, the legacy
@@ -99,6 +103,7 @@ Layout (every module but this one is private)
 from __future__ import annotations
 
 from ..errors import (
+    AmbiguousCacheError,
     SessionNotInstalledError,
     SQLAlchemyIntegrationError,
     TransactionStateError,
@@ -106,16 +111,18 @@ from ..errors import (
 )
 from ._frames import enqueue_on_commit, invalidate_on_commit, on_commit
 from ._install import Installation, install
-from ._reads import SessionCache
+from ._reads import SessionCache, cached
 from ._templates import track, untrack
 
 __all__ = [
+    "AmbiguousCacheError",
     "Installation",
     "SQLAlchemyIntegrationError",
     "SessionCache",
     "SessionNotInstalledError",
     "TransactionStateError",
     "UntrackableRowError",
+    "cached",
     "enqueue_on_commit",
     "install",
     "invalidate_on_commit",

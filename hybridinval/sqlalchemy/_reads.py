@@ -1,5 +1,6 @@
-"""Reading through a session: :class:`SessionCache`, which never caches what the session could
-read wrongly (its own pending changes, or rows of a snapshot older than the L2 version)."""
+"""Reading through a session: ``cached(session)``, a :class:`SessionCache` that never caches what
+the session could read wrongly (its own pending changes, or rows of a snapshot older than the L2
+version)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.state import InstanceState
 
-from ..errors import SessionNotInstalledError
+from ..errors import AmbiguousCacheError, SessionNotInstalledError
 from ._frames import _sync_session, _uow_for
 from ._registry import registry
 from ._snapshot import _snapshot_is_fresh
@@ -28,25 +29,47 @@ T = TypeVar("T")
 _outer_pending_data = registry.outer_pending_data
 
 
+def cached(session: Any, cache: HybridCache | None = None) -> SessionCache:
+    """The cache as seen from ``session``: ``cached(session).get_or_set(key, loader)``.
+
+    ``session`` is a ``Session`` or ``AsyncSession`` whose class is installed (else
+    :class:`~hybridinval.SessionNotInstalledError`: without the listeners its flushed but
+    uncommitted changes would be invisible). ``cache`` defaults to the cache the session's class
+    was installed with; when installations with different caches cover it (a base class and a
+    sessionmaker, say), there is no default and :class:`~hybridinval.AmbiguousCacheError` asks
+    for one. Any cache may be named, installed or not: only the session's changes must be known.
+
+    Cheap (a dict lookup in ``session.info``): call it for each read or each request rather than
+    keeping the result, which belongs to that session.
+    """
+    return SessionCache(cache, session)
+
+
 class SessionCache:
     """``cache`` as seen from one session: never caches what that session could read wrongly.
 
-    Built by ``cache.for_session(session)`` (``session`` may be an AsyncSession). Cheap: make
-    one per use. The session's class must be installed (so its flushed changes are known).
+    Built by :func:`cached` (``session`` may be an AsyncSession); ``SessionCache(cache, session)``
+    is the same, ``cache=None`` choosing as :func:`cached` does. Cheap: make one per use. The
+    session's class must be installed (so its flushed changes are known).
     """
 
     __slots__ = ("_is_clean", "cache", "session", "uow")
 
-    def __init__(self, cache: HybridCache, session: Any) -> None:
-        self.cache = cache
+    def __init__(self, cache: HybridCache | None, session: Any) -> None:
         self.session = _sync_session(session)
         uow = _uow_for(self.session)
         if uow is None:
             raise SessionNotInstalledError(
-                "for_session(): this session's class is not installed, so its flushed but "
+                "cached(): this session's class is not installed, so its flushed but "
                 "uncommitted changes are invisible to hybridinval; call "
                 "hybridinval.sqlalchemy.install(session_factory, cache) first"
             )
+        if cache is None:  # inline: cached(session) runs for every request
+            caches = uow.caches
+            if len(caches) != 1:
+                raise _ambiguous_cache(caches)
+            cache = caches[0]
+        self.cache = cache
         self.uow = uow
         session = self.session
         # SQLAlchemy's own cleanliness check (private, but long-standing), bound once: it runs
@@ -132,6 +155,17 @@ class SessionCache:
 
 
 _NOT_CACHED: Any = object()
+
+
+def _ambiguous_cache(caches: tuple[HybridCache, ...]) -> AmbiguousCacheError:
+    """The error for ``cached(session)`` when the installations covering the session publish to
+    more than one cache (``caches``, as in its unit of work)."""
+    namespaces = ", ".join(repr(c.namespace) for c in caches)
+    return AmbiguousCacheError(
+        f"cached(session): this session's class is installed with {len(caches)} caches "
+        f"(namespaces {namespaces}), so there is no default; name the one to read: "
+        f"cached(session, cache)"
+    )
 
 
 def _session_is_clean(session: Session) -> bool:
