@@ -90,14 +90,19 @@ the application runs, never refuses one SQLAlchemy accepts, and reads only in th
 transaction (the one exception: rows that started to match a bulk statement late are read as
 committed on a second connection of the same engine, read-only).
 
-Layout (every module but this one is private)
-    ``_templates`` key templates, ``track()``/``untrack()``; ``_registry`` the process-wide
-    state, in one object; ``_frames`` a session's frames and ``invalidate_on_commit()``/
-    ``on_commit()``/``enqueue_on_commit()``; ``_install`` ``install()`` and the session
-    listeners; ``_publish`` the after-commit steps; ``_outer`` outer connection-level
-    transactions; ``_flush`` the flush (mapper) listeners; ``_bulk`` the engine listeners for
-    bulk statements, with ``_keyselect``, ``_bulk_update`` and ``_bulk_insert``; ``_reads``
-    :class:`SessionCache`; ``_snapshot`` the isolation-level and snapshot checks.
+Layout (the public API is what this module exports; every other module is private)
+    ``_registry``     the process-wide state, in one object
+    ``_templates``    key templates: ``track()``, ``untrack()``
+    ``_frames``       a session's frames: ``invalidate_on_commit()``, ``on_commit()``,
+                      ``enqueue_on_commit()``
+    ``_install``      ``install()``, the session listeners, the lost-connection listener
+    ``_publish``      the after-commit steps (publish, then callbacks)
+    ``_outer``        outer connection-level transactions
+    ``_flush``        the flush (mapper) listeners
+    ``_bulk``         the engine listeners for bulk statements, with ``_keyselect`` (the key
+                      SELECT, every read for keys), ``_bulk_update`` and ``_bulk_insert``
+    ``_reads``        ``cached()``, :class:`SessionCache`
+    ``_snapshot``     the isolation-level and snapshot checks
 """
 
 from __future__ import annotations
