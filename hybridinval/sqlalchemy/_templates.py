@@ -141,7 +141,8 @@ def track(
     # track() can run right after the class statement, before related classes exist.
     columns = dict(mapper.columns.items())
     spec = _ModelSpec(tuple(_KeyTemplate(text, model, columns) for text in keys))
-    from ._flush import _install_mapper_listeners  # it reads this module's templates
+    # Imported here rather than at the top: _flush imports this module for the templates.
+    from ._flush import _install_mapper_listeners
 
     with registry.lock:
         _install_mapper_listeners()
