@@ -10,6 +10,7 @@ from ._embedded import EmbeddedRedis
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store, RedisL2
 from .errors import (
+    AmbiguousCacheError,
     BackendUnavailableError,
     CacheClosedError,
     CorruptPayloadError,
@@ -28,6 +29,7 @@ from .transports import BackplaneListener, RedisPubSubTransport, Transport
 
 __all__ = [
     "MAX_KEY_LENGTH",
+    "AmbiguousCacheError",
     "BackendUnavailableError",
     "BackplaneListener",
     "CacheClosedError",

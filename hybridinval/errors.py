@@ -14,7 +14,8 @@ and re-exported by :mod:`hybridinval.sqlalchemy` and :mod:`hybridinval.celery`::
     ├── SQLAlchemyIntegrationError     hybridinval.sqlalchemy
     │   ├── TransactionStateError      a unit-of-work call made outside a transaction
     │   ├── SessionNotInstalledError   the session's class was never install()ed
-    │   └── UntrackableRowError        a row's old cache keys cannot be known
+    │   ├── UntrackableRowError        a row's old cache keys cannot be known
+    │   └── AmbiguousCacheError        cached(session): the session has several caches
     └── NoWorkerCacheError             hybridinval.celery: no cache in this process
 
 Bad keys and bad options raise the built-in ``TypeError`` (wrong type) or ``ValueError`` (empty,
@@ -25,6 +26,7 @@ than cache failures.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousCacheError",
     "BackendUnavailableError",
     "CacheClosedError",
     "CorruptPayloadError",
@@ -98,3 +100,8 @@ class UntrackableRowError(SQLAlchemyIntegrationError):
 class NoWorkerCacheError(HybridInvalError, RuntimeError):
     """``hybridinval.celery.current_cache()`` was called in a process where the integration
     opened no cache."""
+
+
+class AmbiguousCacheError(SQLAlchemyIntegrationError):
+    """``hybridinval.sqlalchemy.cached(session)`` was not told which cache to read, and the
+    session's class is installed with more than one."""

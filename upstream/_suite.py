@@ -212,15 +212,17 @@ def node_id(classname: str, name: str, root: Path) -> str:
 
 
 def source_fingerprint() -> str:
-    """Which hybridinval ran: the git HEAD and a hash of the working tree's hybridinval/*.py
-    (others may be editing it while a suite runs)."""
+    """Which hybridinval ran: the git HEAD and a hash of the working tree's hybridinval/**/*.py,
+    subpackages (hybridinval.sqlalchemy) included (others may be editing it while a suite runs)."""
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     digest = hashlib.sha256()
-    for path in sorted((REPO / "hybridinval").glob("*.py")):
+    package = REPO / "hybridinval"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
         digest.update(path.read_bytes())
-    return f"HEAD {head or '?'}, hybridinval/*.py sha256 {digest.hexdigest()[:12]}"
+    return f"HEAD {head or '?'}, hybridinval/**/*.py sha256 {digest.hexdigest()[:12]}"
 
 
 # -- comparing ----------------------------------------------------------------------------------

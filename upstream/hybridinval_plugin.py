@@ -89,7 +89,7 @@ class HybridinvalPlugin:
         from sqlalchemy import event
         from sqlalchemy.orm import Mapper, Session
 
-        import hybridinval.sqlalchemy as hs
+        from hybridinval.sqlalchemy._flush import _install_mapper_listeners
 
         current = self.installations[-1]
         if not event.contains(Session, "after_commit", current._after_commit):
@@ -100,7 +100,7 @@ class HybridinvalPlugin:
             self.tracker.listen()
             # A cleared MapperEvents removed hybridinval's flush listeners too; track() puts them
             # back by itself, but classes mapped before the clear may flush before any track().
-            hs._install_mapper_listeners()
+            _install_mapper_listeners()
             self.restored["mapper_listeners"] += 1
 
     def report(self) -> dict[str, Any]:
@@ -179,9 +179,10 @@ def quiet_reads() -> None:
     that fails installed but passes this way differed only by the extra statements it saw."""
     from sqlalchemy.engine import Connection, Engine
 
-    import hybridinval.sqlalchemy as hs
+    # Every read hybridinval makes for keys (flush and bulk statements) goes through this one.
+    import hybridinval.sqlalchemy._keyselect as keyselect
 
-    ordinary = hs._read_rows
+    ordinary = keyselect._read_rows
 
     def read_quietly(conn: Any, sel: Any, params: Any, options: Any) -> Any:
         if not isinstance(getattr(conn, "engine", None), Engine):
@@ -191,7 +192,7 @@ def quiet_reads() -> None:
         )
         return ordinary(quiet, sel, params, options)
 
-    hs._read_rows = read_quietly
+    keyselect._read_rows = read_quietly
 
 
 @pytest.hookimpl(trylast=True)

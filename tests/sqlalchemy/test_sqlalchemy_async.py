@@ -22,7 +22,7 @@ from support.sa_models import DbSpec, TrackedSession, User
 from support.sa_spy import Publishes
 
 from hybridinval import HybridCache
-from hybridinval.sqlalchemy import install, invalidate_on_commit
+from hybridinval.sqlalchemy import cached, install, invalidate_on_commit
 
 pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
 
@@ -148,7 +148,7 @@ def test_aget_or_set_bypasses_pending_keys_and_caches_the_rest(
 ) -> None:
     async def work() -> tuple[Any, ...]:
         async with factory() as s:
-            scoped = cache.for_session(s)
+            scoped = cached(s)  # an AsyncSession: its sync session is the one read
 
             async def load(user_id: int) -> str:
                 name: str = (

@@ -16,9 +16,14 @@ from support.sa_procs import slow_loader_reader
 from support.sa_spy import Publishes
 from support.waiting import wait_until
 
+import hybridinval.sqlalchemy
 from hybridinval import HybridCache
-from hybridinval.errors import SessionNotInstalledError
-from hybridinval.sqlalchemy import install, invalidate_on_commit
+from hybridinval.errors import (
+    AmbiguousCacheError,
+    SessionNotInstalledError,
+    SQLAlchemyIntegrationError,
+)
+from hybridinval.sqlalchemy import cached, install, invalidate_on_commit
 
 pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
 
@@ -56,7 +61,7 @@ def test_a_key_with_pending_changes_is_loaded_and_never_stored(
         s.get(User, 1).name = "uncommitted"
         if stage == "flushed":
             s.flush()
-        scoped = cache.for_session(s)
+        scoped = cached(s)
         loads: list[str] = []
 
         def loader() -> str:
@@ -81,14 +86,14 @@ def test_a_cached_key_is_not_served_to_a_session_that_changed_it(
     cache.get_or_set("user:1", lambda: "committed")
     with Sessions() as s:
         s.get(User, 1).name = "mine"
-        assert cache.for_session(s).get_or_set("user:1", lambda: name_of(s)) == "mine"
+        assert cached(s).get_or_set("user:1", lambda: name_of(s)) == "mine"
         assert cache.get("user:1") == "committed"  # others still get the committed value
 
 
 @pytest.mark.usefixtures("seeded")
 def test_which_keys_are_pending(Sessions: sessionmaker[Any], cache: HybridCache) -> None:
     with Sessions() as s:
-        scoped = cache.for_session(s)
+        scoped = cached(s)
         assert not scoped.is_pending("user:1")
         s.add(User(email="new@x"))  # id unknown until the INSERT: any user:* may be it
         assert scoped.is_pending("user:12345") and scoped.is_pending("user_by_email:new@x")
@@ -121,13 +126,58 @@ def test_keys_without_pending_changes_are_still_cached(
         s.get(User, 1).name = "pending"
         if stage == "flushed":
             s.flush()
-        value = cache.for_session(s).get_or_set("user:2", lambda: name_of(s, 2))
+        value = cached(s).get_or_set("user:2", lambda: name_of(s, 2))
     assert value == "committed" and cache.get("user:2") == "committed"
 
 
-def test_for_session_needs_an_installed_session(engine: Engine, cache: HybridCache) -> None:
-    with Session(engine) as s, pytest.raises(SessionNotInstalledError, match="not installed"):
-        cache.for_session(s)
+def test_cached_needs_an_installed_session(engine: Engine, cache: HybridCache) -> None:
+    with Session(engine) as s:
+        with pytest.raises(SessionNotInstalledError, match=r"cached\(\): .* not installed"):
+            cached(s)
+        with pytest.raises(SessionNotInstalledError, match="not installed"):
+            cached(s, cache)  # naming a cache does not make the session's changes known
+
+
+@pytest.mark.usefixtures("seeded")
+def test_cached_reads_through_the_cache_the_session_was_installed_with(
+    Sessions: sessionmaker[Any], cache: HybridCache
+) -> None:
+    with Sessions() as s:
+        assert cached(s).cache is cache
+        assert cached(s).get_or_set("user:1", lambda: name_of(s)) == "committed"
+    assert cache.get("user:1") == "committed"
+    again = install(TrackedSession, cache)  # a second installation, the same cache: no doubt
+    try:
+        with Sessions() as s:
+            assert cached(s).cache is cache
+    finally:
+        again.uninstall()
+
+
+@pytest.mark.usefixtures("seeded")
+def test_cached_must_be_told_which_of_several_caches(
+    Sessions: sessionmaker[Any], cache: HybridCache, redis_url: str, namespace: str
+) -> None:
+    second = HybridCache.from_url(redis_url, namespace=f"{namespace}-second")
+    installation = install(TrackedSession, second)
+    try:
+        with Sessions() as s:
+            with pytest.raises(AmbiguousCacheError, match="2 caches") as raised:
+                cached(s)
+            assert repr(namespace) in str(raised.value) and f"{namespace}-second" in str(
+                raised.value
+            )
+            assert "cached(session, cache)" in str(raised.value)
+            assert cached(s, second).cache is second
+            assert cached(s, second).get_or_set("user:1", lambda: name_of(s)) == "committed"
+        assert second.get("user:1") == "committed" and cache.get("user:1") is None
+    finally:
+        installation.uninstall()
+        second.close()
+    with Sessions() as s:
+        assert cached(s).cache is cache  # one cache again
+    assert issubclass(AmbiguousCacheError, SQLAlchemyIntegrationError)
+    assert hybridinval.sqlalchemy.AmbiguousCacheError is AmbiguousCacheError
 
 
 # -- snapshots older than the L2 version ---------------------------------------------------
@@ -165,7 +215,7 @@ def test_a_session_holding_an_older_snapshot_loads_but_does_not_fill(
     installation = install(factory, cache)
     try:
         with factory() as s:
-            scoped = cache.for_session(s)
+            scoped = cached(s)
             assert scoped.can_cache("user:1")  # nothing read yet: no snapshot
             assert name_of(s, 2) == "committed"  # the snapshot starts here
             with Sessions.begin() as w:
@@ -174,7 +224,7 @@ def test_a_session_holding_an_older_snapshot_loads_but_does_not_fill(
             assert scoped.get_or_set("user:1", lambda: name_of(s)) == "committed"
         assert cache.l2.get("user:1")[0] is None and "user:1" not in cache.l1.entries
         with Sessions() as fresh:
-            assert cache.for_session(fresh).get_or_set("user:1", lambda: name_of(fresh)) == "new"
+            assert cached(fresh).get_or_set("user:1", lambda: name_of(fresh)) == "new"
     finally:
         installation.uninstall()
         snap.dispose()
@@ -188,8 +238,8 @@ def test_per_statement_snapshots_keep_filling(
     commit made before each statement: caching stays on after the session has read."""
     with Sessions() as s:
         assert name_of(s, 2) == "committed"
-        assert cache.for_session(s).can_cache("user:1")
-        assert cache.for_session(s).get_or_set("user:1", lambda: name_of(s)) == "committed"
+        assert cached(s, cache).can_cache("user:1")  # the cache named, as it may be
+        assert cached(s, cache).get_or_set("user:1", lambda: name_of(s)) == "committed"
     assert cache.get("user:1") == "committed"
 
 

@@ -2,7 +2,7 @@
 
 One writer process commits 1,000 random updates to 100 tracked rows (with rolled-back savepoints
 and rolled-back transactions mixed in) while three reader processes loop
-``cache.for_session(session).get_or_set(...)`` over the same rows. All clocks are ``time.time()``
+``cached(session).get_or_set(...)`` over the same rows. All clocks are ``time.time()``
 on one machine.
 
 A read is *stale* if it started more than DELTA after ``commit()`` returned for the last commit

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from hybridinval import HybridCache
-from hybridinval.sqlalchemy import install
+from hybridinval.sqlalchemy import cached, install
 
 from .sa_models import DbSpec, Item, TrackedSession, User
 
@@ -46,12 +46,12 @@ def slow_loader_reader(
                     raise TimeoutError("parent never said go")
                 return name
 
-            first = cache.for_session(session).get_or_set("user:1", loader)
+            first = cached(session).get_or_set("user:1", loader)
         in_l1 = cache.l1.entries.get("user:1", [None])[0]
         payload, _version = cache.l2.get("user:1")
         in_l2 = None if payload is None else cache.serializer.loads(payload)
         with factory() as session:
-            again = cache.for_session(session).get_or_set(
+            again = cached(session).get_or_set(
                 "user:1",
                 lambda: session.execute(select(User.name).where(User.id == 1)).scalar_one(),
             )
@@ -163,7 +163,7 @@ def soak_reader(
             row = rng.randrange(rows)
             with factory() as session:
                 began = time.time()
-                value = cache.for_session(session).get_or_set(
+                value = cached(session).get_or_set(
                     f"item:{row}",
                     lambda row=row, session=session: session.execute(
                         select(Item.value).where(Item.id == row)

@@ -1,0 +1,264 @@
+"""``install()`` and :class:`Installation`: the session-level listeners that follow a session's
+transactions (``after_begin``, ``after_commit``, ``after_transaction_end``), merge or drop their
+frames, and publish the root commit's keys; and the engine listener for lost connections."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from ._bulk import _on_after_execute, _on_before_execute
+from ._frames import _real_parent, _UnitOfWork, _uow_for
+from ._outer import _defer_to_outer
+from ._publish import _invalidate_committed, _run_callbacks
+from ._registry import registry
+from ._snapshot import _isolation_level
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import SessionTransaction
+
+    from .._cache import HybridCache
+
+log = logging.getLogger("hybridinval.sqlalchemy")
+
+
+class Installation:
+    """What :func:`install` returns: the listeners on one session class, and their counters.
+
+    Several installations may cover one session (a base class and a sessionmaker, two caches):
+    the first registered does the work for all of them and publishes to every cache.
+    """
+
+    def __init__(self, session_class: type[Session], cache: HybridCache) -> None:
+        self.session_class = session_class
+        self.cache = cache
+        self._stats = dict.fromkeys(
+            (
+                "commits_published",
+                "keys_published",
+                "commits_deferred",
+                "frames_dropped",
+                "outer_publishes",
+                "outer_drops",
+                "bypassed_reads",
+                "callbacks_run",
+                "callback_failures",
+            ),
+            0,
+        )
+        self._listeners: list[tuple[str, Callable[..., Any]]] = [
+            ("after_begin", self._after_begin),
+            ("after_commit", self._after_commit),
+            ("after_transaction_end", self._after_transaction_end),
+        ]
+        self.installed = False
+
+    def _install(self) -> None:
+        for name, fn in self._listeners:
+            event.listen(self.session_class, name, fn)
+        registry.add_installation(self)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        """Remove the listeners. Keys pending in open transactions are dropped. Idempotent."""
+        if not self.installed:
+            return
+        self.installed = False
+        registry.remove_installation(self)
+        for name, fn in self._listeners:
+            if event.contains(self.session_class, name, fn):
+                event.remove(self.session_class, name, fn)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since install (this installation acting as the sessions' primary)."""
+        return dict(self._stats)
+
+    def __repr__(self) -> str:
+        state = "installed" if self.installed else "uninstalled"
+        return f"<Installation {self.session_class.__name__} -> {self.cache.namespace} {state}>"
+
+    def _uow(self, session: Session) -> _UnitOfWork | None:
+        uow = _uow_for(session)
+        return uow if uow is not None and uow.primary is self else None
+
+    # The listeners. Each returns at once unless this installation is the session's primary.
+
+    def _after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
+        uow = self._uow(session)
+        if uow is not None and connection not in uow.connections:
+            uow.connections.append(connection)
+            _watch_connection(connection, uow)
+            # Learn the isolation level now, inside the session's own call (where an async
+            # driver may do I/O); once per DBAPI connection, later reads hit connection.info.
+            _isolation_level(connection, query=True)
+
+    def _after_commit(self, session: Session) -> None:
+        # Fires after the database COMMIT of the root *and* after every SAVEPOINT release;
+        # only the first is a commit anyone else can see.
+        uow = self._uow(session)
+        if uow is None:
+            return
+        trans = session.get_nested_transaction() or session.get_transaction()
+        if trans is None:
+            return
+        if trans.nested:
+            frame = uow.frames.pop(trans, None)
+            parent = _real_parent(trans)
+            if frame and parent is not None:
+                parent_frame = uow.frames.get(parent)
+                if parent_frame is None:
+                    uow.frames[parent] = frame
+                else:
+                    parent_frame.merge(frame)
+            return
+        # Root: every SAVEPOINT was released (merged) or rolled back (dropped) before this.
+        collected = uow.collected()
+        uow.frames.clear()
+        if collected:
+            self._publish(uow, list(collected.keys), collected.callbacks)
+
+    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        uow = self._uow(session)
+        if uow is None:
+            return
+        # Ended without after_commit (rolled back, or closed while active) unless a root that
+        # committed, whose frames after_commit already emptied.
+        if transaction.parent is not None:
+            dropped = uow.frames.pop(transaction, None)
+            if dropped:
+                self._stats["frames_dropped"] += 1
+                log.debug(
+                    "dropped %d key(s) and %d callback(s) of a rolled-back savepoint",
+                    len(dropped.keys),
+                    len(dropped.callbacks),
+                )
+            return
+        collected = uow.collected()
+        uow.frames.clear()
+        if collected and uow.outcome_unknown:
+            # A connection died, perhaps during COMMIT: the rows may be committed. Invalidating
+            # unchanged data costs a miss; a missed invalidation serves stale data. Callbacks
+            # (tasks to send) are not run: they must only follow a known commit.
+            log.warning(
+                "connection lost before the transaction's outcome was known; "
+                "invalidating its %d key(s) anyway, dropping %d callback(s)",
+                len(collected.keys),
+                len(collected.callbacks),
+            )
+            if collected.keys:
+                self._publish(uow, list(collected.keys), [])
+        elif collected:
+            self._stats["frames_dropped"] += 1
+        uow.connections.clear()
+        uow.watches.clear()
+        uow.outcome_unknown = False
+
+    def _publish(
+        self, uow: _UnitOfWork, keys: list[str], callbacks: list[Callable[[], object]]
+    ) -> None:
+        """Publish a root commit's keys, then run its callbacks; or hand both to an outer
+        transaction that is still open."""
+        open_outer = [c for c in uow.connections if not c.closed and c.in_transaction()]
+        if open_outer:
+            # A joined session "committed" while the connection's own transaction continues: the
+            # rows are not committed for anyone else yet. (Callbacks ride with the first outer
+            # transaction only: they must run once.)
+            self._stats["commits_deferred"] += 1
+            for i, conn in enumerate(open_outer):
+                _defer_to_outer(conn, keys, callbacks if i == 0 else [], uow.caches, self)
+            return
+        if keys:
+            self._stats["commits_published"] += 1
+            self._stats["keys_published"] += len(keys)
+            _invalidate_committed(uow.caches, keys)
+        _run_callbacks(callbacks, self)
+
+
+def _watch_connection(connection: Connection, uow: _UnitOfWork) -> None:
+    registry.uow_by_connection[connection] = weakref.ref(uow)
+    engine = getattr(connection, "engine", None)
+    if not isinstance(engine, Engine):
+        return  # a mock or proxy bind: nothing to listen on, no statements to watch
+    watched = registry.watched_engines
+    if engine not in watched:
+        with registry.lock:
+            if engine not in watched:
+                event.listen(engine, "handle_error", _on_dbapi_error)
+                event.listen(engine, "before_execute", _on_before_execute)
+                event.listen(engine, "after_execute", _on_after_execute)
+                watched.add(engine)
+
+
+def _on_dbapi_error(context: Any) -> None:
+    conn = context.connection
+    if conn is None:
+        return
+    ref = registry.uow_by_connection.get(conn)
+    uow = ref() if ref is not None else None
+    if uow is None:
+        return
+    stmt = getattr(context, "invoked_stmt", None)
+    if stmt is not None and uow.watches:
+        uow.watches.pop(id(stmt), None)
+    if context.is_disconnect:
+        uow.outcome_unknown = True
+
+
+def install(target: Any, cache: HybridCache) -> Installation:
+    """Publish the keys of every committed transaction of ``target``'s sessions to ``cache``.
+
+    ``target``: a ``sessionmaker``, ``scoped_session``, ``Session`` subclass (or ``Session``
+    itself, for every session in the process), ``async_sessionmaker``/``async_scoped_session``
+    or ``AsyncSession`` subclass (their events run on the sync session class underneath).
+    Returns an :class:`Installation`; call its ``uninstall()`` to stop.
+    """
+    installation = Installation(_session_class(target), cache)
+    installation._install()
+    return installation
+
+
+def _session_class(target: Any) -> type[Session]:
+    if isinstance(target, type) and issubclass(target, Session):
+        return target
+    if isinstance(target, scoped_session):
+        return _session_class(target.session_factory)
+    if isinstance(target, sessionmaker):
+        cls: type[Session] = target.class_
+        return cls
+    try:
+        from sqlalchemy.ext.asyncio import (
+            AsyncSession,
+            async_scoped_session,
+            async_sessionmaker,
+        )
+    except ImportError:  # pragma: no cover - asyncio extension unavailable
+        AsyncSession = async_sessionmaker = async_scoped_session = None  # type: ignore[misc,assignment]
+    if async_scoped_session is not None and isinstance(target, async_scoped_session):
+        return _session_class(target.session_factory)
+    if async_sessionmaker is not None and isinstance(target, async_sessionmaker):
+        sync_class = target.kw.get("sync_session_class") or Session
+        return _dedicated_sync_class(sync_class, target)
+    if AsyncSession is not None and isinstance(target, type) and issubclass(target, AsyncSession):
+        return _dedicated_sync_class(target.sync_session_class, target)
+    raise TypeError(
+        f"install() needs a sessionmaker, scoped_session, Session subclass, async_sessionmaker "
+        f"or AsyncSession subclass, got {target!r:.100}"
+    )
+
+
+def _dedicated_sync_class(sync_class: type[Session], target: Any) -> type[Session]:
+    if sync_class is Session:
+        # Listening on Session itself would cover every session in the process; demand that
+        # this be said explicitly (install(Session, cache)) rather than happen by accident.
+        raise ValueError(
+            f"{target!r:.100} uses the base Session as its sync_session_class; give it a "
+            f"dedicated one (class MySession(Session): pass; async_sessionmaker(..., "
+            f"sync_session_class=MySession)) or install(Session, cache) to cover all sessions"
+        )
+    return sync_class
