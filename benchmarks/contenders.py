@@ -268,7 +268,7 @@ class Hybridinval(Contender):
 
     With ``hybridinval.sqlalchemy`` present, the writer's session factory is ``install()``-ed and
     the model ``track()``-ed, so ``commit()`` itself publishes; readers go through
-    ``cache.for_session(session).get_or_set``. Without it, the writer calls
+    ``cached(session, cache).get_or_set``. Without it, the writer calls
     ``cache.invalidate_committed(keys)`` right after ``commit()`` and readers call
     ``cache.get_or_set``.
     """
@@ -295,7 +295,7 @@ class Hybridinval(Contender):
         return self.cache.wait_until_subscribed(timeout)
 
     def install(self, session_factory: Any, model: type) -> None:
-        # Readers install too: for_session() needs the session class installed (it must see
+        # Readers install too: cached() needs the session class installed (it must see
         # the session's own pending changes); readers commit nothing, so they publish nothing.
         if not self.use_sqlalchemy:
             return
@@ -307,7 +307,9 @@ class Hybridinval(Contender):
 
     def reader(self, session: Any) -> ReadFn:
         if self._installed:
-            scoped = self.cache.for_session(session)
+            from hybridinval.sqlalchemy import cached
+
+            scoped = cached(session, self.cache)
             return scoped.get_or_set
         return self.cache.get_or_set
 
@@ -320,7 +322,7 @@ class Hybridinval(Contender):
         if stats["lag_samples"] == 0:  # the writer hears only its own echoes
             return []
         if self.use_sqlalchemy:
-            via = "hybridinval.sqlalchemy install()/track()/for_session()"
+            via = "hybridinval.sqlalchemy install()/track()/cached()"
         elif sqlalchemy_integration_available():
             via = "invalidate_committed() after commit, get_or_set() (core API only)"
         else:

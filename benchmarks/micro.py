@@ -118,7 +118,7 @@ def bench_l1_hits(redis_url: str, rounds: int = 25, number: int = 20_000) -> dic
         hand.close()
     net = {name: round(max(1.0, v - empty), 1) for name, v in ns.items()}
     if sessions is not None:
-        net["hybridinval for_session().get_or_set"] = round(max(1.0, sessions - empty), 1)
+        net["hybridinval cached(session).get_or_set"] = round(max(1.0, sessions - empty), 1)
     net.update(_cashews_l1_hit_ns(redis_url, number, rounds))
     base_dict, base_lru = net["dict.get"], net["cachetools.LRUCache.get"]
     return {
@@ -129,7 +129,7 @@ def bench_l1_hits(redis_url: str, rounds: int = 25, number: int = 20_000) -> dic
 
 
 def _session_cache_hit_ns(hyb: cmod.Hybridinval, number: int, rounds: int) -> float | None:
-    """An L1 hit through ``cache.for_session(session)`` (hybridinval.sqlalchemy), or None.
+    """An L1 hit through ``cached(session, cache)`` (hybridinval.sqlalchemy), or None.
 
     The session is an installed one on SQLite in memory, inside a transaction that has run a
     statement, as a request's session is after its first query.
@@ -139,7 +139,7 @@ def _session_cache_hit_ns(hyb: cmod.Hybridinval, number: int, rounds: int) -> fl
     from sqlalchemy import create_engine, text
     from sqlalchemy.orm import Session, sessionmaker
 
-    from hybridinval.sqlalchemy import install
+    from hybridinval.sqlalchemy import cached, install
 
     from .workload import make_model
 
@@ -153,7 +153,7 @@ def _session_cache_hit_ns(hyb: cmod.Hybridinval, number: int, rounds: int) -> fl
     try:
         with factory() as session:
             session.execute(text("select 1"))
-            get_or_set = hyb.cache.for_session(session).get_or_set
+            get_or_set = cached(session, hyb.cache).get_or_set
             assert get_or_set("item:1", lambda: VALUE) == VALUE
             return _median_ns(lambda: get_or_set("item:1", lambda: VALUE), number // 4, rounds)
     finally:

@@ -20,7 +20,7 @@ PLOTS = ("latency.png", "throughput_vs_stale.png")
 
 # Which micro-benchmark row stands for each contender in the side-by-side table.
 _L1_ROW = {
-    "hybridinval": "hybridinval for_session().get_or_set",
+    "hybridinval": "hybridinval cached(session).get_or_set",
     "hybridinval_core": "hybridinval get_or_set",
     "hand_rolled": "hand-rolled get_or_set",
     "dogpile_memory_redis": "dogpile memory->redis get_or_create",

@@ -538,12 +538,6 @@ class HybridCache:
             **counters,  # type: ignore[typeddict-item]
         )
 
-    def for_session(self, session: Any) -> Any:
-        """Deprecated spelling of the SQLAlchemy integration's session reads (moving there)."""
-        from .sqlalchemy import SessionCache
-
-        return SessionCache(self, session)
-
     # -- helpers ------------------------------------------------------------------------------
 
     def _check_key(self, key: object) -> None:

@@ -11,7 +11,7 @@ Read the modules in this order:
     ``User`` (a profile, with a version bumped on every committed update) and ``Card`` (derived
     from a user by a task), both tracked: their commits publish ``user:{id}`` / ``card:{user_id}``.
 ``store``
-    The reads (through ``cache.for_session``) and writes (through sessions) that web handlers and
+    The reads (through ``cached(session)``) and writes (through sessions) that web handlers and
     tasks share. Each process gets its own engine and cache (``runtime()``), built after fork.
 ``web``
     A Flask JSON API served by gunicorn sync workers (``gunicorn -c

@@ -4,7 +4,7 @@ A :class:`Runtime` is one process's engine, session factory, cache and installat
 on first use in the process that uses it (:func:`runtime`), because neither a SQLAlchemy pool nor
 a cache may cross ``fork``: gunicorn workers and Celery children each build their own.
 
-Reads go through ``cache.for_session(session)``: L1, then L2, then the database, never caching
+Reads go through ``cached(session)``: L1, then L2, then the database, never caching
 what the session itself has changed. Writes go through a session; the installed unit of work
 publishes the changed keys after the commit. Every read reports the version it saw and when it
 started; every write reports the version it committed and when ``commit()`` returned: the demo
@@ -34,7 +34,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from hybridinval import HybridCache
 from hybridinval.keyspace import Keyspace
-from hybridinval.sqlalchemy import Installation, install
+from hybridinval.sqlalchemy import Installation, cached, install
 
 from .models import Card, User, card_key, user_key
 from .settings import Settings, load
@@ -210,7 +210,7 @@ def read_user(rt: Runtime, user_id: int) -> dict[str, Any]:
             user = session.get(User, user_id)
             return None if user is None else user.to_dict()
 
-        value = rt.cache.for_session(session).get_or_set(user_key(user_id), load)
+        value = cached(session, rt.cache).get_or_set(user_key(user_id), load)
     rt.counters["reads"] += 1
     return {
         "user": value,
@@ -227,9 +227,7 @@ def read_card(rt: Runtime, user_id: int) -> dict[str, Any] | None:
             card = session.get(Card, user_id)
             return None if card is None else card.to_dict()
 
-        value: dict[str, Any] | None = rt.cache.for_session(session).get_or_set(
-            card_key(user_id), load
-        )
+        value: dict[str, Any] | None = cached(session, rt.cache).get_or_set(card_key(user_id), load)
     rt.counters["reads"] += 1
     return value
 

@@ -18,7 +18,7 @@ Endpoints (JSON):
 * ``GET /healthz``.
 
 This module must never cache a value read inside a transaction that changed it (reads use
-``cache.for_session``), and never send a task before the commit it depends on.
+``cached(session)``), and never send a task before the commit it depends on.
 """
 
 from __future__ import annotations

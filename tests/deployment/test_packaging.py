@@ -95,3 +95,26 @@ def test_importing_the_library_and_its_command_loads_no_example() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
     )
     assert done.stdout.strip() == ""
+
+
+def test_the_core_imports_no_integration_eagerly_or_lazily() -> None:
+    """Everything but the integrations, the demo and its command stands without them."""
+    integrations = {"sqlalchemy", "celery", "kombu", "flask", "gunicorn", "alembic", "fastapi"}
+    ours = {"sqlalchemy", "celery", "demo", "cli"}
+    offences = []
+    for path in LIBRARY.rglob("*.py"):
+        relative = path.relative_to(LIBRARY)
+        if relative.parts[0] in ("sqlalchemy", "demo") or path.stem in ("celery", "cli"):
+            continue
+        for name, line in _imports(path):
+            if name.startswith("."):
+                head = name.lstrip(".").split(".")[0]
+                bad = head in ours
+            else:
+                parts = name.split(".")
+                bad = parts[0] in integrations or (
+                    parts[0] == "hybridinval" and len(parts) > 1 and parts[1] in ours
+                )
+            if bad:
+                offences.append(f"{relative}:{line} imports {name}")
+    assert not offences

@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from hybridinval import HybridCache
 from hybridinval import celery as hybrid_celery
 from hybridinval import sqlalchemy as hybrid_sa
-from hybridinval.sqlalchemy import track
+from hybridinval.sqlalchemy import cached, track
 
 app = Celery("hi_test")
 app.conf.update(
@@ -150,7 +150,7 @@ def probe(key: str, wait_subscribed: float = 0.0, sleep: float = 0.0) -> dict[st
 
 @app.task(name="hi_test.read_item")
 def read_item(item_id: int, sleep: float = 0.0) -> dict[str, Any]:
-    """Read an item through ``cache.for_session``: L1, then L2, then the database."""
+    """Read an item through ``cached(session, cache)``: L1, then L2, then the database."""
     if sleep:
         time.sleep(sleep)
     cache = hybrid_celery.current_cache()
@@ -161,7 +161,7 @@ def read_item(item_id: int, sleep: float = 0.0) -> dict[str, Any]:
             return None if item is None else {"name": item.name, "version": item.version}
 
         started_ns = time.time_ns()
-        value = cache.for_session(session).get_or_set(item_key(item_id), load)
+        value = cached(session, cache).get_or_set(item_key(item_id), load)
     out = _whoami(cache)
     out["value"] = value
     out["started_ns"] = started_ns
