@@ -1,9 +1,10 @@
 """Freshness across processes: a "web" process (this test) commits, Celery tasks read.
 
-Guarantee 3 seen from Celery: a task that starts in any prefork child more than δ after
-``commit()`` returned reads the new value through that child's cache; and a task sent with
-``enqueue_on_commit`` is sent only after the commit *and* its invalidations, so it never reads
-the old value, and is never sent for a transaction that rolled back.
+Bounded staleness (README, Guarantees) seen from Celery: a task that starts in any prefork
+child more than δ after ``commit()`` returned reads the new value through that child's cache;
+and a task sent with ``enqueue_on_commit`` is sent only after the commit *and* its
+invalidations, so it never reads the old value, and is never sent for a transaction that
+rolled back.
 
 The database is a SQLite file (WAL) shared by this process and the worker's children; the
 children's L1s are warmed with the old value first, so a missing or late invalidation would show

@@ -125,7 +125,7 @@ def test_non_forking_pools_run_one_cache_in_the_worker_process(
     # The process's subscriber works: an invalidation from here evicts its L1.
     with HybridCache.from_url(redis_url, namespace=namespace) as writer:
         writer.set("k", "from-test")
-    time.sleep(0.05)  # δ: guarantee 3 bounds staleness after the write returns, no tighter
+    time.sleep(0.05)  # δ: bounded staleness bounds it after the write returns, no tighter
     after = run(client, worker, probes(1))[0]
     assert after["value"] == "from-test" and after["invalidations_received"] >= 1
 

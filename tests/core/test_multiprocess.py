@@ -1,4 +1,4 @@
-"""Real OS processes: cross-process eviction, and fork safety (guarantee 7)."""
+"""Real OS processes: cross-process eviction, and fork safety (README, Guarantees)."""
 
 from __future__ import annotations
 

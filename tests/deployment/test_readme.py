@@ -14,7 +14,16 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 def test_readme_has_examples() -> None:
-    assert len(BLOCKS) >= 2
+    assert len(BLOCKS) >= 8
+
+
+def test_every_python_block_is_fenced_python() -> None:
+    """A block fenced ``py`` (or ``python3``, ``pycon``) would silently escape the test below."""
+    text = README.read_text()
+    fences = re.findall(r"^```(\S*)$", text, flags=re.M)
+    opening = fences[0::2]  # fences alternate: opening, closing
+    assert set(opening) <= {"python", "sh", ""}, sorted(set(opening))
+    assert len(BLOCKS) == opening.count("python")
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

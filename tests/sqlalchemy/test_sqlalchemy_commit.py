@@ -1,6 +1,6 @@
-"""When keys leave: only after the root COMMIT reached the database (guarantee 1), never on
+"""When keys leave: only after the root COMMIT reached the database (never before commit), never on
 flush, SAVEPOINT release or a joined session's "commit"; savepoint frames; a publish failure
-after the commit (guarantee 9). Every test runs on SQLite and PostgreSQL.
+after the commit (committed means published). Every test runs on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Reading through a session (guarantee 6: no uncommitted data in shared caches) and the stale-set
-race across real processes (guarantee 4), including sessions that hold an older snapshot.
+"""Reading through a session (no uncommitted data in shared caches) and the stale-set
+race across real processes (no stale sets), including sessions that hold an older snapshot.
 Every test runs on SQLite and PostgreSQL.
 """
 

@@ -10,7 +10,7 @@ that changed its row, yet returned something other than that commit's value or a
 commit began before the read ended. A read of a value that was never committed is *dirty*.
 Both must be zero. After a short settle, every reader's L1 and L2 must equal the database.
 
-DELTA is the bounded-staleness promise (guarantee 3) with room for a loaded 2-core machine;
+DELTA is the bounded-staleness promise with room for a loaded 2-core machine;
 the measured backplane lag is reported next to it.
 """
 
