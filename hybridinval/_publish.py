@@ -98,11 +98,17 @@ class RetryingPublisher:
                 self._in_flight = len(batch)
             try:
                 self._send(batch)
-            except BackendUnavailableError as exc:
+            except Exception as exc:  # this thread must outlive anything, close() included
                 with self._lock:
                     self._keys.update(batch)
                     self._in_flight = 0
-                log.debug("invalidation retry failed (%d keys): %s", len(batch), exc)
+                if self._is_closed():
+                    log.debug("invalidation retry stopped: the cache was closed (%s)", exc)
+                    continue  # the loop's check ends the thread
+                if isinstance(exc, BackendUnavailableError):
+                    log.debug("invalidation retry failed (%d keys): %s", len(batch), exc)
+                else:
+                    log.exception("invalidation retry failed (%d keys)", len(batch))
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
             else:

@@ -206,3 +206,38 @@ def test_any_l1_store_serves_hits_and_is_evicted(
             b.get_local(5)  # type: ignore[arg-type]
     finally:
         b.close()
+
+
+def test_the_retry_thread_survives_close_and_unexpected_errors(
+    memory: tuple[MemoryL2, MemoryHub, Factory], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    l2, _, make = memory
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    a, b = make(), make()
+    b.get_or_set("k", lambda: "old")
+    real = l2.invalidate_many
+    calls: list[int] = []
+
+    def flaky(keys: Any, notify: Any = None) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in a store, not an outage")
+        real(keys, notify)
+
+    monkeypatch.setattr(l2, "invalidate_many", flaky)
+    l2.fail()
+    assert a.invalidate_committed(["k"]) is False  # the first call: the store is down
+    l2.recover()  # the retry's first attempt meets the bug, its second succeeds
+    wait_until(lambda: a.pending_retries() == 0, what="retried past the bug")
+    wait_until(lambda: "k" not in b.l1.entries, what="b evicted")
+    # Closing with a retry pending (the store down again) ends the thread quietly.
+    l2.fail()
+    assert a.invalidate_committed(["k2"]) is False
+    a.close()
+    l2.recover()
+    wait_until(
+        lambda: not any(t.name == "hybridinval-retry" for t in threading.enumerate()),
+        what="retry thread ended",
+    )
+    assert escaped == []
