@@ -132,7 +132,6 @@ class Coherence:
         local = self.local
         with local.lock:
             was_trusted = local.trusted
-            local.trusted = False
             # Set L1 aside rather than drop it: once subscribed again, entries whose L2 version
             # did not change can come back (see _restore) instead of every process refilling
             # its whole L1 from L2 at once after a Redis restart or failover.
@@ -141,6 +140,8 @@ class Coherence:
             local.flush_locked()
             local.quarantine, local.quarantined_at = quarantine, since
             local.stats["blind_periods"] += was_trusted
+            # Last: whoever sees `subscribed` turn False (without the lock) finds L1 empty.
+            local.trusted = False
         if was_trusted:
             log.warning(
                 "backplane %s: blind (%s); L1 set aside and bypassed until resubscribed",
