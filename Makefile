@@ -110,7 +110,7 @@ $(VENV_SA20)/.installed: $(VENV_SA20)/.python pyproject.toml setup.py hybridinva
 # Our own SQLAlchemy tests (and the README's examples) on SQLAlchemy 2.0, hybridinval from the
 # source tree.
 test-sa20: venv-sa20
-	PYTHONPATH=$(CURDIR) $(VENV_SA20)/bin/pytest -q tests/sqlalchemy tests/deployment/test_readme.py
+	PYTHONPATH=$(CURDIR) $(VENV_SA20)/bin/pytest -q tests/integration_sqlalchemy tests/deployment/test_readme.py
 
 test-sqlalchemy-sa20: venv-sa20 $(UPSTREAM_DEPS)
 	rc=0; for db in sqlite postgresql; do \

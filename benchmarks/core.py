@@ -138,7 +138,7 @@ def _receiver_ours(url: str, namespace: str, conn: Connection) -> None:
 def _receiver_raw(url: str, channel: str, conn: Connection) -> None:
     received: dict[str, int] = {}
     client = redis.Redis.from_url(url, protocol=2)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(channel)
     while pubsub.get_message(timeout=1.0) is None and not pubsub.subscribed:
         pass
@@ -172,7 +172,7 @@ def bench_propagation(url: str, messages: int = 400) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
 
     def run(
-        target: Callable[..., None], args: tuple[Any, ...], send: Callable[[str], None]
+        target: Callable[..., None], args: tuple[Any, ...], send: Callable[[str], object]
     ) -> list[int]:
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(target=target, args=(*args, theirs))
@@ -236,7 +236,7 @@ def bench_batch_invalidation(url: str, keys: int = 1000, rounds: int = 15) -> di
             if threading.get_ident() == caller:  # not the subscriber's PINGs, say
                 packed = b"".join(command) if isinstance(command, list) else bytes(command)
                 commands.append(packed.split(b"\r\n")[2].decode())  # the command's name
-            original(conn, command, check_health)
+            original(conn, command, check_health)  # type: ignore[no-untyped-call]
 
         AbstractConnection.send_packed_command = spy  # type: ignore[method-assign]
         try:

@@ -38,7 +38,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from . import _hitpath
 from ._coherence import Coherence
@@ -156,7 +156,7 @@ class HybridCache:
     @classmethod
     def from_url(
         cls, url: str | None = None, *, config: CacheConfig | None = None, **options: Any
-    ) -> HybridCache:
+    ) -> Self:
         """Build a cache on one Redis URL (``redis://``, ``rediss://`` or ``unix://``): L2 and
         the backplane (Pub/Sub, published by L2's own scripts) on that server.
 
@@ -506,7 +506,7 @@ class HybridCache:
         if self._on_close is not None:
             self._on_close()
 
-    def __enter__(self) -> HybridCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

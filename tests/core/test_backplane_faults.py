@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from support import RedisServer, TcpProxy
+from support.inspect import entries
 from support.waiting import wait_until
 
 from hybridinval import BackendUnavailableError, HybridCache
@@ -43,7 +44,7 @@ def make_cache(namespace: str) -> Iterator[Callable[..., HybridCache]]:
 
 def fill(cache: HybridCache, key: str, value: object) -> None:
     cache.get_or_set(key, lambda: value)
-    assert key in cache.l1.entries
+    assert key in entries(cache)
 
 
 def pause_first_restore(cache: HybridCache) -> tuple[threading.Event, threading.Event]:
@@ -81,11 +82,11 @@ def test_cut_connection_flushes_l1_and_bypasses_until_resubscribed(
     writer = make_cache(redis_server.url)
     fill(reader, "k", "v1")
     cut_off(tcp_proxy, reader)  # no way back in until accept_again()
-    assert reader.l1.entries == {}
+    assert entries(reader) == {}
     # While blind: reads work (L2 unreachable through the proxy, so the loader serves them)
     # and nothing is stored in L1.
     assert reader.get_or_set("k", lambda: "from-loader") == "from-loader"
-    assert reader.l1.entries == {}
+    assert entries(reader) == {}
     writer.set("k", "v2")  # published while the reader cannot hear it
     tcp_proxy.accept_again()
     wait_until(lambda: reader.subscribed, what="reader resubscribes")
@@ -103,7 +104,7 @@ def test_half_open_connection_is_detected_by_health_check(
     tcp_proxy.blackhole()
     writer.set("k", "v2")  # this message is lost for the reader
     wait_until(lambda: not reader.subscribed, what="missed PONG turns the reader blind")
-    assert "k" not in reader.l1.entries
+    assert "k" not in entries(reader)
     assert reader.get("k") != "v1"  # never the stale L1 value (L2 is unreachable: default)
     tcp_proxy.heal()
     wait_until(lambda: reader.subscribed, timeout=10, what="reader reconnects after heal")
@@ -119,7 +120,7 @@ def test_client_kill_type_pubsub(
     killed = admin.client_kill_filter(_type="pubsub")
     assert killed >= 1
     wait_until(lambda: blind_count(reader) == 1, what="reader goes blind on EOF")
-    assert "k" not in reader.l1.entries
+    assert "k" not in entries(reader)
     wait_until(lambda: reader.subscribed, what="reader resubscribes")
     fill(reader, "k", "v1")  # L1 is in use again
     admin.close()
@@ -151,7 +152,7 @@ def test_redis_closing_a_slow_subscriber_for_its_output_buffer(
         assert subscribers() == 1, "Redis did not drop the stalled subscriber"
     admin.close()
     wait_until(lambda: blind_count(reader) == 1, what="reader goes blind")
-    assert "k" not in reader.l1.entries
+    assert "k" not in entries(reader)
     wait_until(lambda: reader.subscribed, what="reader resubscribes")
 
 
@@ -162,11 +163,11 @@ def test_redis_down_then_back(
     fill(cache, "k", "v1")
     redis_server.kill()
     wait_until(lambda: not cache.subscribed, what="cache goes blind")
-    assert cache.l1.entries == {}
+    assert entries(cache) == {}
     # Reads still work through the loader, and nothing lands in L1 while blind.
     assert cache.get_or_set("k", lambda: "loader") == "loader"
     assert cache.get_or_set("other", lambda: 42) == 42
-    assert cache.l1.entries == {}
+    assert entries(cache) == {}
     assert cache.stats()["l2_errors"] >= 2
     with pytest.raises(BackendUnavailableError):
         cache.set("k", "v")
@@ -175,7 +176,7 @@ def test_redis_down_then_back(
     redis_server.start()  # same port, empty (no persistence)
     wait_until(lambda: cache.subscribed, timeout=10, what="subscriber recovers by itself")
     assert cache.get_or_set("k", lambda: "fresh") == "fresh"
-    assert "k" in cache.l1.entries
+    assert "k" in entries(cache)
     cache.set("k", "after")  # writes work again
 
 
@@ -198,7 +199,7 @@ def test_fill_begun_while_blind_cannot_store_after_resubscribe(
     wait_until(lambda: reader.subscribed, what="resubscribed")
     resume.set()
     t.join(10)
-    assert "k" not in reader.l1.entries
+    assert "k" not in entries(reader)
     assert reader.stats()["fill_guard_rejections"] >= 1
 
 
@@ -212,11 +213,11 @@ def test_publish_failure_after_commit_is_retried_in_background(
     tcp_proxy.refuse()
     tcp_proxy.cut()
     assert writer.invalidate_committed(["k"]) is False  # never raises
-    assert "k" not in writer.l1.entries and writer.stats()["publish_failures"] == 1
+    assert "k" not in entries(writer) and writer.stats()["publish_failures"] == 1
     assert writer.pending_retries() == 1
-    assert "k" in reader.l1.entries  # not told yet
+    assert "k" in entries(reader)  # not told yet
     tcp_proxy.accept_again()
-    wait_until(lambda: "k" not in reader.l1.entries, timeout=10, what="retry lands")
+    wait_until(lambda: "k" not in entries(reader), timeout=10, what="retry lands")
     wait_until(lambda: writer.pending_retries() == 0, what="retry queue drained")
     assert writer.stats()["publish_retries_succeeded"] >= 1
 
@@ -250,12 +251,12 @@ def test_entries_unchanged_in_l2_survive_a_backplane_gap(
     fill(reader, "changed", "unused")
     fill(reader, "loaded", "loaded-v1")  # a loader fill: stored with the version it CAS'd
     cut_off(tcp_proxy, reader)  # no way back in until accept_again()
-    assert reader.l1.entries == {}  # never served while blind
+    assert entries(reader) == {}  # never served while blind
     writer.set("changed", "changed-v2")  # missed by the reader
     tcp_proxy.accept_again()
     wait_until(lambda: reader.subscribed, what="resubscribed")
     wait_until(lambda: reader.stats()["l1_restored"] == 2, what="restore done")
-    assert set(reader.l1.entries) == {"same", "loaded"}
+    assert set(entries(reader)) == {"same", "loaded"}
     assert reader.get("same") == "same-v1" and reader.get("loaded") == "loaded-v1"
     assert reader.get("changed") == "changed-v2"
 
@@ -274,7 +275,7 @@ def test_an_invalidation_during_the_restore_wins(
     reader.invalidate("k")
     resume.set()
     wait_until(lambda: reader._local.restoring is None and reader.subscribed, what="restore done")
-    assert "k" not in reader.l1.entries
+    assert "k" not in entries(reader)
     assert reader.stats()["l1_restored"] == 0
 
 
@@ -297,7 +298,7 @@ def test_a_gap_that_recurs_before_the_restore_ran_still_restores(
     resume.set()  # the first restore finds its epoch gone and stores nothing
     tcp_proxy.accept_again()
     wait_until(lambda: reader.stats()["l1_restored"] == 1, what="second restore")
-    assert set(reader.l1.entries) == {"same"}
+    assert set(entries(reader)) == {"same"}
     assert reader.get("same") == "same-v1" and reader.get("changed") == "changed-v2"
     assert reader._local.quarantine == {}  # released once a restore has dealt with it
 
@@ -312,4 +313,4 @@ def test_a_restarted_redis_proves_nothing_so_l1_is_dropped(
     redis_server.start()
     wait_until(lambda: cache.subscribed, timeout=10, what="resubscribed")
     wait_until(lambda: cache.stats()["l1_quarantine_dropped"] == 1, what="quarantine dropped")
-    assert cache.l1.entries == {} and cache.stats()["l1_restored"] == 0
+    assert entries(cache) == {} and cache.stats()["l1_restored"] == 0

@@ -184,7 +184,7 @@ def test_a_private_server_lives_in_the_directory_given_and_leaves_nothing(
     def interrupted(self: embedded.EmbeddedRedis) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedded.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
     monkeypatch.setattr(embedded.EmbeddedRedis, "_wait_ready", interrupted)
     with pytest.raises(KeyboardInterrupt):
         embedded.EmbeddedRedis(directory=str(tmp_path))

@@ -36,12 +36,12 @@ class ParkAfterSelect:
 
     def __init__(self, cache: HybridCache) -> None:
         self.transport: Any = cache.transport
-        self.original = self.transport._wait_readable
+        self.original = getattr(self.transport, "_wait_readable")  # noqa: B009
         self.armed = False
         self.entered = threading.Event()
         self.parked = threading.Event()
         self.release = threading.Event()
-        self.transport._wait_readable = self
+        setattr(self.transport, "_wait_readable", self)  # noqa: B010
         # The subscriber may be blocked in the original wait right now; arm only once it has
         # come round to this one (at the latest after its 100 ms tick).
         assert self.entered.wait(5)
@@ -262,7 +262,12 @@ def test_only_a_hit_renews_the_lease(make_cache: CacheFactory) -> None:
         cache.invalidate("absent")
     assert calls == []
     cache.get_or_set("k", lambda: 1)
-    for read in (cache.get, cache.get_local, lambda key: cache.get_or_set(key, lambda: 2)):
+    reads: tuple[Callable[[str], Any], ...] = (
+        cache.get,
+        cache.get_local,
+        lambda key: cache.get_or_set(key, lambda: 2),
+    )
+    for read in reads:
         time.sleep(2 * LEASE)
         assert read("k") == 1
     assert len(calls) == 3

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import redis
-from demo_harness import Demo, fresh_env
 from sqlalchemy import create_engine, text
 from support.celery_worker import pid_alive
+from support.demo_harness import Demo, fresh_env
 from support.migrations import private_schema
 
 from hybridinval.keyspace import Keyspace

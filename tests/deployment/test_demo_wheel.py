@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from demo_harness import Demo, fresh_env
+from support.demo_harness import Demo, fresh_env
 from support.repo import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a build and two installs

@@ -48,7 +48,7 @@ def test_the_demo_ships_the_repository_example_and_its_migrations() -> None:
     # An __init__.py in alembic/ would make `import alembic` from the repository root find it
     # instead of the alembic library.
     assert not (REPO_ROOT / "alembic" / "__init__.py").exists()
-    assert config["package-data"]["hybridinval.demo.migrations"] == ["script.py.mako"]  # type: ignore[index]
+    assert config["package-data"]["hybridinval.demo.migrations"] == ["script.py.mako"]
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:

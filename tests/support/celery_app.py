@@ -30,6 +30,7 @@ from hybridinval import HybridCache
 from hybridinval import celery as hybrid_celery
 from hybridinval import sqlalchemy as hybrid_sa
 from hybridinval.sqlalchemy import cached, track
+from support.inspect import entries
 
 app = Celery("hi_test")
 app.conf.update(
@@ -42,7 +43,11 @@ app.conf.update(
     result_expires=600,
 )
 
-FAST = {"health_check_interval": 0.1, "health_check_timeout": 0.3, "socket_timeout": 0.5}
+FAST: dict[str, Any] = {
+    "health_check_interval": 0.1,
+    "health_check_timeout": 0.3,
+    "socket_timeout": 0.5,
+}
 
 
 class Base(DeclarativeBase):
@@ -142,7 +147,7 @@ def probe(key: str, wait_subscribed: float = 0.0, sleep: float = 0.0) -> dict[st
     value = cache.get_or_set(key, lambda: f"loaded-by-{os.getpid()}")
     out = _whoami(cache)
     out["value"] = value
-    out["l1_has_key"] = key in cache.l1.entries
+    out["l1_has_key"] = key in entries(cache)
     out["parent_cache_instance"] = parent_cache.instance_id if parent_cache else None
     out["parent_cache_is_current"] = parent_cache is cache
     return out

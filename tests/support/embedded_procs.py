@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hybridinval import HybridCache
+from support.inspect import entries, redis_l2
 
 
 def writer_then_invalidate(namespace: str, conn: Any) -> None:
@@ -15,7 +16,7 @@ def writer_then_invalidate(namespace: str, conn: Any) -> None:
     with HybridCache.from_url(namespace=namespace) as cache:
         assert cache.wait_until_subscribed(10)
         cache.set("k", "v1")
-        conn.send(("set", cache.l2.endpoint))
+        conn.send(("set", redis_l2(cache).endpoint))
         assert conn.recv() == "invalidate"
         cache.invalidate("k")
         conn.send("invalidated")
@@ -26,11 +27,11 @@ def reader(namespace: str, conn: Any) -> None:
     """Read "k" into L1, report, then report once another process's invalidation evicted it."""
     with HybridCache.from_url(namespace=namespace) as cache:
         assert cache.wait_until_subscribed(10)
-        conn.send(("read", cache.get("k"), cache.l2.endpoint, "k" in cache.l1.entries))
+        conn.send(("read", cache.get("k"), redis_l2(cache).endpoint, "k" in entries(cache)))
         deadline = time.monotonic() + 10
-        while "k" in cache.l1.entries and time.monotonic() < deadline:
+        while "k" in entries(cache) and time.monotonic() < deadline:
             time.sleep(0.001)
-        conn.send(("evicted", "k" not in cache.l1.entries, cache.get("k")))
+        conn.send(("evicted", "k" not in entries(cache), cache.get("k")))
         conn.recv()
 
 

@@ -6,6 +6,7 @@ import time
 from multiprocessing.connection import Connection
 
 from hybridinval import HybridCache
+from support.inspect import entries
 
 
 def l1_reader(url: str, namespace: str, key: str, conn: Connection) -> None:
@@ -15,15 +16,15 @@ def l1_reader(url: str, namespace: str, key: str, conn: Connection) -> None:
     try:
         assert cache.wait_until_subscribed(10)
         cache.get_or_set(key, lambda: "original")
-        conn.send(("ready", cache.instance_id, key in cache.l1.entries))
+        conn.send(("ready", cache.instance_id, key in entries(cache)))
         started_ns = conn.recv()  # the parent's time.time_ns() just before invalidate()
         deadline = time.monotonic() + 10
-        while key in cache.l1.entries and time.monotonic() < deadline:
+        while key in entries(cache) and time.monotonic() < deadline:
             pass  # spin: we are measuring sub-millisecond delivery
         evicted_ns = time.time_ns()
         stats = cache.stats()
         conn.send(
-            ("evicted", key not in cache.l1.entries, evicted_ns - started_ns, stats, cache.get(key))
+            ("evicted", key not in entries(cache), evicted_ns - started_ns, stats, cache.get(key))
         )
     finally:
         cache.close()

@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from hybridinval import HybridCache
 from hybridinval.sqlalchemy import cached, install
+from support.inspect import entries
 
 from .sa_models import DbSpec, Item, TrackedSession, User
 
@@ -47,7 +48,7 @@ def slow_loader_reader(
                 return name
 
             first = cached(session).get_or_set("user:1", loader)
-        in_l1 = cache.l1.entries.get("user:1", [None])[0]
+        in_l1 = entries(cache).get("user:1", [None])[0]
         payload, _version = cache.l2.get("user:1")
         in_l2 = None if payload is None else cache.serializer.loads(payload)
         with factory() as session:
@@ -175,7 +176,7 @@ def soak_reader(
                 time.sleep(0.001)  # pace: a reader that never yields starves 2 cores
         if not settled.wait(60):
             raise TimeoutError("no settle signal")
-        l1 = {k: e[0] for k, e in list(cache.l1.entries.items())}
+        l1 = {k: e[0] for k, e in list(entries(cache).items())}
         Path(out_path).write_text(
             json.dumps(
                 {

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
+from support.inspect import entries
 from support.sa_models import DbSpec, TrackedSession, User
 from support.sa_procs import slow_loader_reader
 from support.sa_spy import Publishes
@@ -72,7 +73,7 @@ def test_a_key_with_pending_changes_is_loaded_and_never_stored(
         assert scoped.get_or_set("user:1", loader) == "uncommitted"
         assert loads == ["uncommitted", "uncommitted"]  # loaded each time, never cached
         assert scoped.get("user:1", "miss") == "miss"
-        assert "user:1" not in cache.l1.entries and cache.l2.get("user:1")[0] is None
+        assert "user:1" not in entries(cache) and cache.l2.get("user:1")[0] is None
         s.rollback()
     # Another process reads the committed row.
     with Sessions() as s2:
@@ -222,7 +223,7 @@ def test_a_session_holding_an_older_snapshot_loads_but_does_not_fill(
                 w.get(User, 1).name = "new"
             assert not scoped.can_cache("user:1")
             assert scoped.get_or_set("user:1", lambda: name_of(s)) == "committed"
-        assert cache.l2.get("user:1")[0] is None and "user:1" not in cache.l1.entries
+        assert cache.l2.get("user:1")[0] is None and "user:1" not in entries(cache)
         with Sessions() as fresh:
             assert cached(fresh).get_or_set("user:1", lambda: name_of(fresh)) == "new"
     finally:

@@ -137,7 +137,7 @@ def test_tasks_starting_delta_after_a_commit_read_the_new_value_in_every_child(
     assert all(n >= 1 for n in received.values()), received
 
 
-class SpySignature(Signature):  # type: ignore[misc]
+class SpySignature(Signature):
     """A real signature that records, when it is sent, what the cache's Redis holds."""
 
     def __init__(self, *args: Any, probe: Any, **kwargs: Any) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from support.inspect import entries
 from support.sa_models import DbSpec, TrackedSession, User
 from support.sa_spy import Publishes
 
@@ -165,7 +166,7 @@ def test_aget_or_set_bypasses_pending_keys_and_caches_the_rest(
 
     own, other, hit = asyncio.run(work())
     assert (own, other, hit) == ("mine", "committed", "committed")
-    assert "user:1" not in cache.l1.entries and cache.l2.get("user:1")[0] is None
+    assert "user:1" not in entries(cache) and cache.l2.get("user:1")[0] is None
     assert cache.get("user:2") == "committed"
 
 
