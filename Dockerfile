@@ -10,7 +10,7 @@ WORKDIR /app
 # The package's build takes workers/ and alembic/ too (the wheel ships them for `hybridinval
 # demo`), so they are copied before the install. The compiler is there only for the C hit path
 # (hybridinval._speedups), and the build fails if that did not compile.
-COPY pyproject.toml setup.py README.md alembic.ini ./
+COPY pyproject.toml setup.py README.md LICENSE alembic.ini ./
 COPY hybridinval ./hybridinval
 COPY workers ./workers
 COPY alembic ./alembic
