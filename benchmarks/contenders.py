@@ -192,7 +192,7 @@ class HandRolled(Contender):
         self.lock = threading.Lock()  # cachetools caches are not thread-safe
         self.on_evict = on_evict
         self.reconnects = 0
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         self.pubsub.subscribe(**{self.channel: self._on_message})
         self.thread = self.pubsub.run_in_thread(
             sleep_time=1.0, daemon=True, exception_handler=self._on_error

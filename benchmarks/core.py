@@ -138,7 +138,7 @@ def _receiver_ours(url: str, namespace: str, conn: Connection) -> None:
 def _receiver_raw(url: str, channel: str, conn: Connection) -> None:
     received: dict[str, int] = {}
     client = redis.Redis.from_url(url, protocol=2)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
     pubsub.subscribe(channel)
     while pubsub.get_message(timeout=1.0) is None and not pubsub.subscribed:
         pass

@@ -301,7 +301,7 @@ def _receiver(name: str, env: cmod.Env, conn: Connection) -> None:
 
     if name == "raw":
         client = redis.Redis.from_url(env.redis_url, protocol=2)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         pubsub.subscribe(**{env.prefix + ":raw": lambda m: stamp(m["data"].decode())})
         # stop() closes the connection under the reading thread: that error is expected.
         thread = pubsub.run_in_thread(
