@@ -387,7 +387,9 @@ class HybridCache:
         """
         self._send_invalidation(self._checked_batch(keys))
 
-    def invalidate_committed(self, keys: Iterable[str]) -> bool:
+    def invalidate_committed(
+        self, keys: Iterable[str], *, on_published: Callable[[], object] | None = None
+    ) -> bool:
         """Invalidate keys whose change is already committed; never raises a Redis failure.
 
         This is the publish after a database commit: the data *is* committed, so a Redis failure
@@ -395,12 +397,18 @@ class HybridCache:
         (``publish_failures``), this process's L1 is flushed (it cannot tell which of its entries
         other writers' lost messages would have evicted either), and the keys are retried in the
         background until Redis takes them. Returns whether the publish succeeded now.
+
+        ``on_published()`` is called once Redis has taken the keys, now or after a retry (a
+        durable record of them, such as an outbox row, may then be deleted); never for keys
+        that a ``close()`` dropped.
         """
         batch = self._checked_batch(keys)
         if not batch:
+            if on_published is not None:
+                on_published()
             return True
         self._ensure_started()
-        return self._publisher.publish_committed(batch)
+        return self._publisher.publish_committed(batch, on_published)
 
     def pending_retries(self) -> int:
         """Keys whose invalidation failed after commit and awaits a background retry (including

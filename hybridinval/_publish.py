@@ -24,6 +24,9 @@ __all__ = ["Publisher", "RetryingPublisher"]
 log = logging.getLogger("hybridinval")
 
 Send = Callable[[list[str]], None]
+Done = Callable[[], object]
+"""Called once the backend has taken a batch (now or on a retry), e.g. to delete its outbox
+row. Must not block for long: it may run on the committing thread or the retry thread."""
 """One round trip for a deduplicated, checked batch (the cache's invalidation); raises
 ``BackendUnavailableError``."""
 
@@ -31,9 +34,11 @@ Send = Callable[[list[str]], None]
 class Publisher(Protocol):
     """Publishes the invalidation of committed changes."""
 
-    def publish_committed(self, keys: list[str]) -> bool:
+    def publish_committed(self, keys: list[str], on_published: Done | None = None) -> bool:
         """Invalidate ``keys`` (checked, deduplicated) everywhere, now or eventually; never
-        raises ``BackendUnavailableError``. Returns whether it went out now."""
+        raises ``BackendUnavailableError``. Returns whether it went out now. ``on_published``
+        is called once the backend has taken them (never if they are dropped, say by
+        ``close()``)."""
         ...
 
     def pending(self) -> int:
@@ -54,10 +59,11 @@ class RetryingPublisher:
         self._is_closed = is_closed
         self._lock = threading.Lock()
         self._keys: set[str] = set()
+        self._done: list[Done] = []
         self._in_flight = 0
         self._thread: threading.Thread | None = None
 
-    def publish_committed(self, keys: list[str]) -> bool:
+    def publish_committed(self, keys: list[str], on_published: Done | None = None) -> bool:
         try:
             self._send(keys)
         except BackendUnavailableError as exc:
@@ -72,12 +78,16 @@ class RetryingPublisher:
             )
             with self._lock:
                 self._keys.update(keys)
+                if on_published is not None:
+                    self._done.append(on_published)
                 if self._thread is None:  # cleared, under this lock, only by a thread that ends
                     self._thread = threading.Thread(
                         target=self._run, name="hybridinval-retry", daemon=True
                     )
                     self._thread.start()
             return False
+        if on_published is not None:
+            _notify(on_published)
         return True
 
     def pending(self) -> int:
@@ -95,12 +105,14 @@ class RetryingPublisher:
                     self._thread = None  # pending() still counts what a closed cache never sent
                     return
                 batch, self._keys = list(self._keys), set()
+                done, self._done = self._done, []
                 self._in_flight = len(batch)
             try:
                 self._send(batch)
             except Exception as exc:  # this thread must outlive anything, close() included
                 with self._lock:
                     self._keys.update(batch)
+                    self._done[:0] = done
                     self._in_flight = 0
                 if self._is_closed():
                     log.debug("invalidation retry stopped: the cache was closed (%s)", exc)
@@ -115,4 +127,13 @@ class RetryingPublisher:
                 self._in_flight = 0
                 stats["publish_retries_succeeded"] += 1
                 log.info("published %d invalidation(s) after retry", len(batch))
+                for callback in done:
+                    _notify(callback)
                 delay = 0.05
+
+
+def _notify(callback: Done) -> None:
+    try:
+        callback()
+    except Exception:  # the keys went out; a failing follow-up must not undo or repeat that
+        log.exception("after-publish callback %r failed", callback)
