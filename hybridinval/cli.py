@@ -1,4 +1,5 @@
-"""The ``hybridinval`` command: ``hybridinval demo [--duration SECONDS] ...``.
+"""The ``hybridinval`` command: ``hybridinval demo [--duration SECONDS] ...`` and
+``hybridinval relay --namespace NS ...``.
 
 Subcommands are registered in :func:`build_parser`; each is implemented in its own module and
 imported only when run, so ``hybridinval --help`` needs none of the optional dependencies.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +42,36 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_arguments
 
     add_arguments(demo)
+    relay = commands.add_parser(
+        "relay",
+        help="republish the invalidations of committed transactions whose writers did not "
+        "(the transactional outbox's relay, as a process of its own)",
+        description="Republishes outbox rows older than --grace, oldest first, and deletes "
+        "them; several relays may run at once. Needs the sqlalchemy extra. Stops on Ctrl-C, "
+        "SIGTERM or SIGHUP.",
+    )
+    _add_relay_arguments(relay)
     return parser
+
+
+def _add_relay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("HYBRIDINVAL_DATABASE_URL"),
+        help="SQLAlchemy URL of the database that holds the outbox (a synchronous driver; "
+        "default: $HYBRIDINVAL_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("HYBRIDINVAL_REDIS_URL"),
+        help="Redis URL of the cache (default: $HYBRIDINVAL_REDIS_URL)",
+    )
+    parser.add_argument("--namespace", required=True, help="the cache's namespace")
+    parser.add_argument("--table", default=None, help="outbox table (default: hybridinval_outbox)")
+    parser.add_argument("--schema", default=None, help="the outbox table's schema")
+    parser.add_argument("--grace", type=float, default=1.0, help="seconds before a row is due")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between looks")
+    parser.add_argument("--batch", type=int, default=500, help="rows per Redis round trip")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DemoError as exc:
             print(f"hybridinval demo: {exc}", file=sys.stderr)
             return 1
+    if args.command == "relay":
+        try:
+            from .sqlalchemy._relay_cli import run as run_relay
+        except ImportError as exc:
+            print(
+                f"hybridinval relay needs the sqlalchemy extra: pip install "
+                f"'hybridinval[sqlalchemy]' ({exc})",
+                file=sys.stderr,
+            )
+            return 1
+        return run_relay(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

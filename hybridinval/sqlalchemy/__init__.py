@@ -116,12 +116,16 @@ from ..errors import (
 )
 from ._frames import enqueue_on_commit, invalidate_on_commit, on_commit
 from ._install import Installation, install
+from ._outbox import Outbox, outbox_table
 from ._reads import SessionCache, cached
+from ._relay import OutboxRelay
 from ._templates import track, untrack
 
 __all__ = [
     "AmbiguousCacheError",
     "Installation",
+    "Outbox",
+    "OutboxRelay",
     "SQLAlchemyIntegrationError",
     "SessionCache",
     "SessionNotInstalledError",
@@ -132,6 +136,7 @@ __all__ = [
     "install",
     "invalidate_on_commit",
     "on_commit",
+    "outbox_table",
     "track",
     "untrack",
 ]

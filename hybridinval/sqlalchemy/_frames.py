@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .._cache import HybridCache
     from ._install import Installation
     from ._keyselect import _Watch
+    from ._publish import OutboxRow
 
 
 # Where a session's _UnitOfWork is kept, in session.info.
@@ -60,10 +61,14 @@ class _UnitOfWork:
     __slots__ = (
         "__weakref__",
         "caches",
+        "committing",
         "connections",
         "frames",
         "generation",
         "max_key_length",
+        "outbox_conn",
+        "outbox_rows",
+        "outboxes",
         "outcome_unknown",
         "primary",
         "session",
@@ -82,6 +87,12 @@ class _UnitOfWork:
         self.outcome_unknown = False
         self.caches: tuple[HybridCache, ...] = ()
         self.primary: Installation | None = None
+        # The installations that keep an outbox; for the root commit under way (before_commit
+        # until it ends), the connection its rows go on and the rows written there.
+        self.outboxes: tuple[Installation, ...] = ()
+        self.committing = False
+        self.outbox_conn: Connection | None = None
+        self.outbox_rows: list[OutboxRow] = []
         self.generation = -1
         self.max_key_length = 0
 
@@ -154,6 +165,7 @@ def _uow_for(session: Session) -> _UnitOfWork | None:
         uow.generation = registry.generation
         uow.primary = matching[0] if matching else None
         uow.caches = tuple({id(i.cache): i.cache for i in matching}.values())
+        uow.outboxes = tuple(i for i in matching if i.outbox is not None)
         uow.max_key_length = min((c.max_key_length for c in uow.caches), default=0)
     return uow if uow.primary is not None else None
 

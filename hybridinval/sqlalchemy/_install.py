@@ -1,6 +1,7 @@
 """``install()`` and :class:`Installation`: the session-level listeners that follow a session's
-transactions (``after_begin``, ``after_commit``, ``after_transaction_end``), merge or drop their
-frames, and publish the root commit's keys; and the engine listener for lost connections."""
+transactions (``after_begin``, ``before_commit``, ``after_commit``, ``after_transaction_end``),
+merge or drop their frames, and publish the root commit's keys; the engine listeners for lost
+connections and, with an outbox, for the COMMIT its rows are written just before."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ._bulk import _on_after_execute, _on_before_execute
 from ._frames import _real_parent, _UnitOfWork, _uow_for
+from ._outbox import Outbox
 from ._outer import _defer_to_outer
-from ._publish import _invalidate_committed, _run_callbacks
+from ._publish import _invalidate_committed, _run_callbacks, _write_outbox
 from ._registry import registry
+from ._relay import OutboxRelay
 from ._snapshot import _isolation_level
 
 if TYPE_CHECKING:
@@ -35,9 +38,29 @@ class Installation:
     the first registered does the work for all of them and publishes to every cache.
     """
 
-    def __init__(self, session_class: type[Session], cache: HybridCache) -> None:
+    def __init__(
+        self,
+        session_class: type[Session],
+        cache: HybridCache,
+        outbox: Outbox | None = None,
+        relay_engine: Engine | None = None,
+    ) -> None:
         self.session_class = session_class
         self.cache = cache
+        self.outbox = outbox
+        # With an outbox: deletes this process's published rows and, unless the outbox says
+        # relay=False, republishes rows left behind (started by install()).
+        self.relay: OutboxRelay | None = None
+        if outbox is not None and relay_engine is not None:
+            self.relay = OutboxRelay(
+                relay_engine,
+                outbox.resolved_table,
+                cache,
+                grace=outbox.grace,
+                interval=outbox.interval,
+                batch=outbox.batch,
+                republish=outbox.relay is not False,
+            )
         self._stats = dict.fromkeys(
             (
                 "commits_published",
@@ -49,6 +72,7 @@ class Installation:
                 "bypassed_reads",
                 "callbacks_run",
                 "callback_failures",
+                "outbox_rows_written",
             ),
             0,
         )
@@ -57,6 +81,8 @@ class Installation:
             ("after_commit", self._after_commit),
             ("after_transaction_end", self._after_transaction_end),
         ]
+        if outbox is not None:
+            self._listeners.append(("before_commit", self._before_commit))
         self.installed = False
 
     def _install(self) -> None:
@@ -64,6 +90,8 @@ class Installation:
             event.listen(self.session_class, name, fn)
         registry.add_installation(self)
         self.installed = True
+        if self.relay is not None:
+            self.relay.start()
 
     def uninstall(self) -> None:
         """Remove the listeners. Keys pending in open transactions are dropped. Idempotent."""
@@ -74,10 +102,52 @@ class Installation:
         for name, fn in self._listeners:
             if event.contains(self.session_class, name, fn):
                 event.remove(self.session_class, name, fn)
+        if self.relay is not None:
+            self.relay.stop()
 
-    def stats(self) -> dict[str, int]:
-        """Counters since install (this installation acting as the sessions' primary)."""
-        return dict(self._stats)
+    def stats(self) -> dict[str, Any]:
+        """Counters since install (this installation acting as the sessions' primary); with an
+        outbox, also its relay's: ``outbox_backlog`` rows waiting in this namespace and the
+        age of the oldest, ``outbox_oldest_age_s`` (None until the relay's first look, and
+        in a process that runs no relay), rows republished and deleted."""
+        out: dict[str, Any] = dict(self._stats)
+        if self.outbox is not None:
+            relay = self.relay
+            out.update(
+                relay.stats()
+                if relay is not None
+                else {"outbox_backlog": None, "outbox_oldest_age_s": None}
+            )
+        return out
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def _attach_engine(self, conn: Connection) -> None:
+        """A row was written through ``conn``: make sure something will delete it once
+        published (a delete-only relay on its engine when this process runs no relay)."""
+        if self.relay is not None or self.outbox is None:
+            return
+        if conn.dialect.is_async:
+            # An async engine's connections belong to its event loop: no thread may use them.
+            # The rows are then deleted by the relay that republishes them (a duplicate
+            # publish, which is harmless).
+            return
+        with registry.lock:
+            if self.relay is None:
+                self.relay = OutboxRelay(
+                    conn.engine,
+                    self.outbox.resolved_table,
+                    self.cache,
+                    grace=self.outbox.grace,
+                    interval=self.outbox.interval,
+                    batch=self.outbox.batch,
+                    republish=False,
+                ).start()
+
+    def _published(self, row_id: int) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.published(row_id)
 
     def __repr__(self) -> str:
         state = "installed" if self.installed else "uninstalled"
@@ -97,6 +167,19 @@ class Installation:
             # Learn the isolation level now, inside the session's own call (where an async
             # driver may do I/O); once per DBAPI connection, later reads hit connection.info.
             _isolation_level(connection, query=True)
+
+    def _before_commit(self, session: Session) -> None:
+        # Fires for the root and for every SAVEPOINT commit; only the root writes outbox rows.
+        uow = self._uow(session)
+        if uow is None or not uow.outboxes or session.get_nested_transaction() is not None:
+            return
+        if uow.connections or uow.collected() or session.new or session.dirty or session.deleted:
+            # The rows go on the connection of the outbox table's bind, begun now if the
+            # transaction has none yet (keys given with no statement run): Session.commit()
+            # flushes after this event, and that flush may find keys too.
+            table = uow.outboxes[0].outbox.resolved_table  # type: ignore[union-attr]
+            uow.outbox_conn = session.connection(bind_arguments={"clause": table})
+            uow.committing = True
 
     def _after_commit(self, session: Session) -> None:
         # Fires after the database COMMIT of the root *and* after every SAVEPOINT release;
@@ -120,8 +203,10 @@ class Installation:
         # Root: every SAVEPOINT was released (merged) or rolled back (dropped) before this.
         collected = uow.collected()
         uow.frames.clear()
+        rows, uow.outbox_rows = uow.outbox_rows, []
+        uow.committing, uow.outbox_conn = False, None
         if collected:
-            self._publish(uow, list(collected.keys), collected.callbacks)
+            self._publish(uow, list(collected.keys), collected.callbacks, rows)
 
     def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
         uow = self._uow(session)
@@ -141,6 +226,8 @@ class Installation:
             return
         collected = uow.collected()
         uow.frames.clear()
+        rows, uow.outbox_rows = uow.outbox_rows, []
+        uow.committing, uow.outbox_conn = False, None
         if collected and uow.outcome_unknown:
             # A connection died, perhaps during COMMIT: the rows may be committed. Invalidating
             # unchanged data costs a miss; a missed invalidation serves stale data. Callbacks
@@ -152,7 +239,7 @@ class Installation:
                 len(collected.callbacks),
             )
             if collected.keys:
-                self._publish(uow, list(collected.keys), [])
+                self._publish(uow, list(collected.keys), [], rows)
         elif collected:
             self._stats["frames_dropped"] += 1
         uow.connections.clear()
@@ -160,7 +247,11 @@ class Installation:
         uow.outcome_unknown = False
 
     def _publish(
-        self, uow: _UnitOfWork, keys: list[str], callbacks: list[Callable[[], object]]
+        self,
+        uow: _UnitOfWork,
+        keys: list[str],
+        callbacks: list[Callable[[], object]],
+        rows: list[Any],
     ) -> None:
         """Publish a root commit's keys, then run its callbacks; or hand both to an outer
         transaction that is still open."""
@@ -171,12 +262,14 @@ class Installation:
             # transaction only: they must run once.)
             self._stats["commits_deferred"] += 1
             for i, conn in enumerate(open_outer):
-                _defer_to_outer(conn, keys, callbacks if i == 0 else [], uow.caches, self)
+                _defer_to_outer(
+                    conn, keys, callbacks if i == 0 else [], uow.caches, self, uow.outboxes
+                )
             return
         if keys:
             self._stats["commits_published"] += 1
             self._stats["keys_published"] += len(keys)
-            _invalidate_committed(uow.caches, keys)
+            _invalidate_committed(uow.caches, keys, rows)
         _run_callbacks(callbacks, self)
 
 
@@ -190,6 +283,7 @@ def _watch_connection(connection: Connection, uow: _UnitOfWork) -> None:
         with registry.lock:
             if engine not in watched:
                 event.listen(engine, "handle_error", _on_dbapi_error)
+                event.listen(engine, "commit", _on_connection_commit)
                 event.listen(engine, "before_execute", _on_before_execute)
                 event.listen(engine, "after_execute", _on_after_execute)
                 watched.add(engine)
@@ -210,17 +304,67 @@ def _on_dbapi_error(context: Any) -> None:
         uow.outcome_unknown = True
 
 
-def install(target: Any, cache: HybridCache) -> Installation:
+def _on_connection_commit(conn: Connection) -> None:
+    # Just before the DBAPI COMMIT (and after Session.commit()'s last flush): the outbox rows
+    # of the session whose root transaction this is, on the connection chosen in before_commit.
+    if not _uow_by_connection_data:
+        return
+    ref = registry.uow_by_connection.get(conn)
+    uow = ref() if ref is not None else None
+    if uow is None or not uow.committing or uow.outbox_conn is not conn:
+        return
+    uow.committing = False  # once, whatever happens below
+    keys = list(uow.collected().keys)
+    if keys:
+        uow.outbox_rows = _write_outbox(conn, uow.outboxes, keys)
+
+
+_uow_by_connection_data = registry.uow_by_connection_data
+
+
+def install(target: Any, cache: HybridCache, *, outbox: bool | Outbox = False) -> Installation:
     """Publish the keys of every committed transaction of ``target``'s sessions to ``cache``.
 
     ``target``: a ``sessionmaker``, ``scoped_session``, ``Session`` subclass (or ``Session``
     itself, for every session in the process), ``async_sessionmaker``/``async_scoped_session``
     or ``AsyncSession`` subclass (their events run on the sync session class underneath).
     Returns an :class:`Installation`; call its ``uninstall()`` to stop.
+
+    ``outbox=True`` (or an :class:`Outbox`) also writes each commit's keys to an outbox table
+    in the same transaction, and runs a relay in this process that republishes rows whose
+    writer died before publishing them (see :class:`Outbox`). The relay needs a synchronous
+    engine: the factory's own ``bind``, or ``Outbox(relay=engine)``.
     """
-    installation = Installation(_session_class(target), cache)
+    options = Outbox.of(outbox)
+    relay_engine: Engine | None = None
+    if options is not None and options.relay is not False:
+        relay_engine = _relay_engine(target, options)
+    installation = Installation(_session_class(target), cache, options, relay_engine)
     installation._install()
     return installation
+
+
+def _relay_engine(target: Any, options: Outbox) -> Engine:
+    engine: Any
+    if isinstance(options.relay, Engine):
+        engine = options.relay
+    else:
+        factory = target.session_factory if hasattr(target, "session_factory") else target
+        kw = getattr(factory, "kw", None)
+        engine = kw.get("bind") if isinstance(kw, dict) else None
+        if engine is None:
+            raise ValueError(
+                f"install(outbox=True): {target!r:.100} has no bind, so the relay has no engine; "
+                f"pass Outbox(relay=engine), or Outbox(relay=False) when relays run elsewhere "
+                f"(hybridinval relay)"
+            )
+    if not isinstance(engine, Engine) or engine.dialect.is_async:
+        raise ValueError(
+            f"install(outbox=...): the relay runs on its own thread and needs a synchronous "
+            f"Engine, got {engine!r:.100}; pass Outbox(relay=create_engine(<sync URL>)), or "
+            f"Outbox(relay=False) and run `hybridinval relay`"
+        )
+    return engine
 
 
 def _session_class(target: Any) -> type[Session]:

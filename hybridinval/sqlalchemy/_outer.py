@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine.default import DefaultDialect
 
-from ._publish import _invalidate_committed, _run_callbacks
+from ._publish import OutboxRow, _invalidate_committed, _run_callbacks, _write_outbox
 from ._registry import registry
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ log = logging.getLogger("hybridinval.sqlalchemy")
 
 
 class _OuterPending:
-    __slots__ = ("caches", "callbacks", "installation", "keys", "transaction")
+    __slots__ = ("caches", "callbacks", "installation", "keys", "outboxes", "transaction")
 
     def __init__(self, transaction: Any, installation: Installation) -> None:
         # Weak: the transaction holds its connection, this entry's key.
@@ -34,6 +34,7 @@ class _OuterPending:
         self.keys: dict[str, None] = {}
         self.callbacks: list[Callable[[], object]] = []
         self.caches: dict[int, HybridCache] = {}
+        self.outboxes: dict[int, Installation] = {}
 
 
 def _defer_to_outer(
@@ -42,6 +43,7 @@ def _defer_to_outer(
     callbacks: list[Callable[[], object]],
     caches: Iterable[HybridCache],
     installation: Installation,
+    outboxes: Iterable[Installation] = (),
 ) -> None:
     entry = registry.outer_pending.get(conn)
     outer = conn.get_transaction()
@@ -50,6 +52,7 @@ def _defer_to_outer(
     entry.keys.update(dict.fromkeys(keys))
     entry.callbacks.extend(callbacks)
     entry.caches.update((id(c), c) for c in caches)
+    entry.outboxes.update((id(i), i) for i in outboxes)
     if not event.contains(conn, "commit", _on_outer_commit):
         event.listen(conn, "commit", _on_outer_commit)
         event.listen(conn, "rollback", _on_outer_rollback)
@@ -81,6 +84,11 @@ def _on_outer_commit(conn: Connection) -> None:
                 "transaction may not be published",
                 name,
             )
+    rows: list[OutboxRow] = []
+    if entry.outboxes and entry.keys:
+        # In the outer transaction, before its COMMIT: the rows commit or roll back with it.
+        # A failure here fails that COMMIT (nothing commits without its row).
+        rows = _write_outbox(conn, list(entry.outboxes.values()), list(entry.keys))
     proxy = conn.connection
     driver_commit = proxy.dbapi_connection.commit  # type: ignore[union-attr]
 
@@ -92,12 +100,12 @@ def _on_outer_commit(conn: Connection) -> None:
             # mid-COMMIT), and an invalidation of data that did not change is harmless. The
             # callbacks are not run: they must only follow a known commit.
             vars(proxy).pop("commit", None)
-            _invalidate_committed(list(entry.caches.values()), list(entry.keys))
+            _invalidate_committed(list(entry.caches.values()), list(entry.keys), rows)
             raise
         vars(proxy).pop("commit", None)
         entry.installation._stats["outer_publishes"] += 1
         if entry.keys:
-            _invalidate_committed(list(entry.caches.values()), list(entry.keys))
+            _invalidate_committed(list(entry.caches.values()), list(entry.keys), rows)
         _run_callbacks(entry.callbacks, entry.installation)
 
     proxy.commit = commit_then_publish  # type: ignore[method-assign]

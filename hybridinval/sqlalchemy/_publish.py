@@ -1,25 +1,65 @@
-"""The two steps after a commit, for a root COMMIT (:mod:`._install`) and an outer one
-(:mod:`._outer`) alike: publish the keys, then run the callbacks. Neither ever raises: the data is
-committed whatever happens here."""
+"""The steps around a commit, for a root COMMIT (:mod:`._install`) and an outer one
+(:mod:`._outer`) alike: write the outbox rows just before it (when installed with an outbox),
+publish the keys after it, then run the callbacks. Nothing after the COMMIT ever raises: the
+data is committed whatever happens here."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from ._outbox import write_rows
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from .._cache import HybridCache
     from ._install import Installation
 
 log = logging.getLogger("hybridinval.sqlalchemy")
 
 
-def _invalidate_committed(caches: Iterable[HybridCache], keys: list[str]) -> None:
-    """Publish after a commit. Never raises: the data is committed whatever Redis says."""
+class OutboxRow(NamedTuple):
+    """An outbox row written for one installation's cache in the committing transaction."""
+
+    installation: Installation
+    row_id: int
+
+
+def _write_outbox(
+    conn: Connection, installations: Sequence[Installation], keys: list[str]
+) -> list[OutboxRow]:
+    """Just before the COMMIT, on its connection: one row per installation that keeps an
+    outbox. Raises (failing the commit, so nothing commits without its row) if it cannot."""
+    rows: list[OutboxRow] = []
+    for installation in installations:
+        outbox = installation.outbox
+        assert outbox is not None
+        (row_id,) = write_rows(conn, outbox.resolved_table, [(installation.cache.namespace, keys)])
+        installation._stats["outbox_rows_written"] += 1
+        installation._attach_engine(conn)
+        rows.append(OutboxRow(installation, row_id))
+    return rows
+
+
+def _invalidate_committed(
+    caches: Iterable[HybridCache], keys: list[str], rows: Sequence[OutboxRow] = ()
+) -> None:
+    """Publish after a commit. Never raises: the data is committed whatever Redis says.
+
+    A cache that has an outbox row for these keys has it deleted once Redis took them."""
+    done = {id(row.installation.cache): row for row in rows}
     for cache in caches:
+        row = done.get(id(cache))
         try:
-            cache.invalidate_committed(keys)
+            if row is None:
+                cache.invalidate_committed(keys)
+            else:
+                cache.invalidate_committed(
+                    keys, on_published=functools.partial(row.installation._published, row.row_id)
+                )
         except Exception:
             # invalidate_committed() handles Redis failures itself; this is the last line for
             # anything else (a closed cache, a bug). Flushing L1 at least keeps this process

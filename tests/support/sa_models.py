@@ -14,11 +14,15 @@ from typing import Any
 from sqlalchemy import Engine, ForeignKey, Integer, String, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from hybridinval.sqlalchemy import track
+from hybridinval.sqlalchemy import outbox_table, track
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# In every test database (created with the test tables), for install(..., outbox=True).
+OUTBOX = outbox_table(Base.metadata)
 
 
 class Team(Base):

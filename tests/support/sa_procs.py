@@ -190,3 +190,87 @@ def soak_reader(
         installation.uninstall()
         cache.close()
         engine.dispose()
+
+
+def outbox_writer(
+    redis_url: str,
+    namespace: str,
+    db: DbSpec,
+    user_id: int,
+    new_name: str,
+    outbox: bool,
+    cut_redis: bool,
+    conn: Any,
+) -> None:
+    """Commit ``users[user_id].name = new_name`` through an installed session factory, and die
+    by SIGKILL at a forced point after the COMMIT, before the invalidation reached Redis.
+
+    ``cut_redis=False``: killed inside the publish, before it sends anything. ``cut_redis=True``:
+    the parent cuts this process's Redis link (``redis_url`` is a proxy) when told "cut"; the
+    publish fails and is queued for retry in memory; the parent is told, and kills this process.
+    """
+    import os
+    import signal
+
+    from hybridinval.sqlalchemy import Outbox
+
+    cache = HybridCache.from_url(redis_url, namespace=namespace)
+    engine = db.engine()
+    factory = sessionmaker(engine, class_=TrackedSession)
+    install(factory, cache, outbox=Outbox(relay=False) if outbox else False)
+    assert cache.wait_until_subscribed(10)
+    publish = cache.invalidate_committed
+
+    def die_before_publishing(keys: Any, **options: Any) -> bool:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+    def publish_then_report(keys: Any, **options: Any) -> bool:
+        sent = publish(keys, **options)
+        conn.send(("published", sent))
+        time.sleep(3600)  # the parent kills this process now
+        return sent
+
+    cache.invalidate_committed = (  # type: ignore[method-assign]
+        publish_then_report if cut_redis else die_before_publishing
+    )
+    conn.send("ready")
+    if cut_redis:
+        assert conn.recv() == "cut"
+    with factory.begin() as session:
+        user = session.get(User, user_id)
+        assert user is not None
+        user.name = new_name
+    raise AssertionError("the writer outlived its commit")
+
+
+def outbox_relay(
+    redis_url: str,
+    namespace: str,
+    db: DbSpec,
+    batch: int,
+    ready: Event,
+    go: Event,
+    out_path: str,
+) -> None:
+    """Run an outbox relay until the table holds no row of ``namespace``; write the keys each
+    Redis round trip carried, in order, to ``out_path`` (JSON)."""
+    from hybridinval.sqlalchemy import OutboxRelay
+
+    from .sa_models import OUTBOX
+    from .sa_spy import record_invalidations
+
+    cache = HybridCache.from_url(redis_url, namespace=namespace)
+    engine = db.engine()
+    sent = record_invalidations(cache)
+    relay = OutboxRelay(engine, OUTBOX, cache, grace=0.0, interval=0.05, batch=batch)
+    with engine.connect():  # connected and imported: the race starts at `go`
+        pass
+    ready.set()
+    go.wait(30)
+    while relay.run_once():
+        pass
+    Path(out_path).write_text(json.dumps(sent))
+    relay.stop()
+    cache.close()
+    engine.dispose()

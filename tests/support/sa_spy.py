@@ -16,12 +16,12 @@ class Publishes:
         self.before_each: list[Callable[[], None]] = []  # run at publish time, first
         original = cache.invalidate_committed
 
-        def spy(keys: Any) -> bool:
+        def spy(keys: Any, **options: Any) -> bool:
             batch = list(keys)
             for hook in self.before_each:
                 hook()
             self.calls.append(batch)
-            return original(batch)
+            return original(batch, **options)
 
         cache.invalidate_committed = spy  # type: ignore[method-assign]
 
@@ -31,3 +31,18 @@ class Publishes:
 
     def clear(self) -> None:
         self.calls.clear()
+
+
+def record_invalidations(cache: HybridCache) -> list[list[str]]:
+    """The batches ``cache.invalidate_many`` sends from now on (one Redis round trip each),
+    in order; recorded once Redis took them."""
+    sent: list[list[str]] = []
+    invalidate = cache.invalidate_many
+
+    def recording(keys: Any) -> None:
+        batch = list(keys)
+        invalidate(batch)
+        sent.append(batch)
+
+    cache.invalidate_many = recording  # type: ignore[method-assign]
+    return sent
