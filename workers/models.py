@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from hybridinval.sqlalchemy import track
+from hybridinval.sqlalchemy import outbox_table, track
 
-__all__ = ["Base", "Card", "User", "card_key", "user_key"]
+__all__ = ["Base", "Card", "User", "card_key", "outbox", "user_key"]
 
 
 def _now() -> datetime:
@@ -34,6 +34,11 @@ class Base(DeclarativeBase):
             "pk": "pk_%(table_name)s",
         }
     )
+
+
+# The transactional outbox (install(..., outbox=True)): in the models' metadata, so that
+# Alembic's autogenerate and create_all see it.
+outbox = outbox_table(Base.metadata)
 
 
 class User(Base):

@@ -34,13 +34,21 @@ def test_upgrade_matches_the_models_and_downgrade_removes_the_schema(database_ur
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            assert {"users", "cards"} <= set(inspect(conn).get_table_names())
+            tables = set(inspect(conn).get_table_names())
+            assert {"users", "cards", "hybridinval_outbox"} <= tables
             context = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
             assert context.get_current_revision() is not None
+        alembic(database_url, "downgrade", "0001")  # the outbox's own revision goes alone
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            assert "hybridinval_outbox" not in tables and {"users", "cards"} <= tables
+        alembic(database_url, "upgrade", "head")
         alembic(database_url, "downgrade", "base")
         with engine.connect() as conn:
-            assert not {"users", "cards"} & set(inspect(conn).get_table_names())
+            assert not {"users", "cards", "hybridinval_outbox"} & set(
+                inspect(conn).get_table_names()
+            )
             assert MigrationContext.configure(conn).get_current_revision() is None
     finally:
         engine.dispose()
