@@ -1,9 +1,12 @@
-"""What the unit of work adds to ``Session.commit()``: the same commits with and without it.
+"""What the unit of work adds to ``Session.commit()``: the same commits without it, with it,
+and with it and the transactional outbox (``install(..., outbox=True)``).
 
-Each round updates one row of a tracked model and commits, alternating between a plain session
-factory and an installed one on the same engine (so drift in the machine's load hits both
-sides alike). Only ``commit()`` is timed: it includes the flush, the key collection, the
-database COMMIT and, for the installed side, the one Redis round trip that publishes.
+Each round updates one row of a tracked model and commits once on each side, a plain session
+factory, an installed one and one installed with an outbox, all on the same engine, in an order
+that rotates every round (so drift in the machine's load hits every side alike). Only
+``commit()`` is timed: it includes the flush, the key collection, the database COMMIT and, for
+the installed sides, the one Redis round trip that publishes (and, with the outbox, the INSERT
+of its row before the COMMIT; the row's delete runs on the relay's thread).
 
     python benchmarks/commit_overhead.py                       # SQLite file + local Redis
     python benchmarks/commit_overhead.py --db postgresql+psycopg://postgres@127.0.0.1:5432/test
@@ -27,7 +30,7 @@ from sqlalchemy import String, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from hybridinval import HybridCache
-from hybridinval.sqlalchemy import install, track
+from hybridinval.sqlalchemy import install, outbox_table, track
 
 
 class Base(DeclarativeBase):
@@ -52,6 +55,10 @@ class CachedSession(Session):
     pass
 
 
+class OutboxSession(Session):
+    pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: a SQLite file)")
@@ -69,6 +76,7 @@ def main() -> None:
         with engine.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         engine = engine.execution_options(schema_translate_map={None: schema})
+    outbox_table(Base.metadata)
     Base.metadata.create_all(engine)
     with Session(engine) as s, s.begin():
         s.add_all(BenchRow(id=i, email=f"r{i}@x", value="v") for i in range(args.rows))
@@ -78,13 +86,15 @@ def main() -> None:
     plain = sessionmaker(engine, class_=PlainSession)
     cached = sessionmaker(engine, class_=CachedSession)
     installation = install(cached, cache)
+    with_outbox = sessionmaker(engine, class_=OutboxSession)
+    outbox_installation = install(with_outbox, cache, outbox=True)
     publish_times: list[float] = []
     publish = cache.invalidate_committed
 
-    def timed_publish(keys: Iterable[str]) -> bool:
+    def timed_publish(keys: Iterable[str], **options: Any) -> bool:
         started = time.perf_counter()
         try:
-            return publish(keys)
+            return publish(keys, **options)
         finally:
             publish_times.append(time.perf_counter() - started)
 
@@ -103,17 +113,25 @@ def main() -> None:
         for i in range(50):  # warm up pools, statement caches, the Redis script cache
             one_commit(plain, i)
             one_commit(cached, i)
-        times: dict[str, list[float]] = {"plain": [], "installed": []}
+            one_commit(with_outbox, i)
+        times: dict[str, list[float]] = {"plain": [], "installed": [], "outbox": []}
         publish_times.clear()
-        sides: list[tuple[str, sessionmaker[Any]]] = [("plain", plain), ("installed", cached)]
+        sides: list[tuple[str, sessionmaker[Any]]] = [
+            ("plain", plain),
+            ("installed", cached),
+            ("outbox", with_outbox),
+        ]
         for i in range(args.rounds):
-            # ABBA order: whichever commit runs first in a pair pays for what the previous one
-            # left behind (fsync, WAL checkpoint, a cold cache line), so alternate the order.
-            for name, factory in sides if i % 2 == 0 else sides[::-1]:
+            # Rotated: whichever commit runs first pays for what the previous one left behind
+            # (fsync, WAL checkpoint, a cold cache line), so each side takes each place in turn.
+            shift = i % len(sides)
+            for name, factory in sides[shift:] + sides[:shift]:
                 times[name].append(one_commit(factory, i))
         published = installation.stats()["commits_published"]
+        outbox_stats = outbox_installation.stats()
     finally:
         installation.uninstall()
+        outbox_installation.uninstall()
         cache.close()
         if schema is not None:
             with create_engine(url).begin() as conn:
@@ -129,13 +147,20 @@ def main() -> None:
         f"database: {engine.dialect.name}  rounds per side: {args.rounds}  "
         f"published commits: {published}"
     )
-    for name in ("plain", "installed"):
+    for name in ("plain", "installed", "outbox"):
         print(
             f"  {name:>9}: median {med[name] * 1e6:8.1f} us   p90 {p90(times[name]) * 1e6:8.1f} us"
         )
+    for name in ("installed", "outbox"):
+        print(
+            f"  {name} overhead: +{(med[name] - med['plain']) * 1e6:.1f} us per commit, "
+            f"ratio {med[name] / med['plain']:.2f}x"
+        )
+    print(f"  outbox vs installed: ratio {med['outbox'] / med['installed']:.2f}x")
     print(
-        f"  overhead: +{(med['installed'] - med['plain']) * 1e6:.1f} us per commit, "
-        f"ratio {med['installed'] / med['plain']:.2f}x"
+        f"  outbox rows written {outbox_stats['outbox_rows_written']}, deleted "
+        f"{outbox_stats['outbox_rows_deleted']}, republished by the relay "
+        f"{outbox_stats['relay_rows_published']}"
     )
     print(
         f"  of which the publish (one Redis round trip, inside commit()): median "
