@@ -47,8 +47,10 @@ def decode_message(payload: bytes) -> Message:
     we cannot know which keys it names, and evicting everything is always safe."""
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
         raise MalformedMessage(f"not JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than any message we write
+        raise MalformedMessage("JSON nested too deeply") from exc
     if not isinstance(body, dict):
         raise MalformedMessage("not a JSON object")
     version = body.get("v")

@@ -78,6 +78,8 @@ class JsonSerializer:
             return self._decode(data[1:].decode())
         except (UnicodeDecodeError, ValueError) as exc:
             raise CorruptPayloadError(f"invalid JSON payload: {exc}") from exc
+        except RecursionError as exc:  # deeper than dumps() could ever have written
+            raise CorruptPayloadError("JSON payload nested too deeply") from exc
 
 
 class PickleSerializer:
