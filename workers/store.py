@@ -137,9 +137,11 @@ def runtime(role: str = "web", cache: Callable[[], HybridCache] | None = None) -
             else cache()
         )
         Sessions = sessionmaker(engine, expire_on_commit=False)
-        current = Runtime(
-            settings, engine, Sessions, the_cache, install(Sessions, the_cache), role, owns
-        )
+        # outbox=True: each commit's keys also go to the outbox table in its own transaction,
+        # and this process runs a relay, so a process killed between a COMMIT and its publish
+        # is still invalidated everywhere (README: the outbox).
+        installation = install(Sessions, the_cache, outbox=True)
+        current = Runtime(settings, engine, Sessions, the_cache, installation, role, owns)
         _runtime = current
     atexit.register(_close_at_exit, current)
     log.info(
