@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Stamp: reinstall (and rebuild the C hit path) when the build inputs change, not on every run.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test test-fast bench demo FORCE
+.PHONY: venv lint typecheck test test-fast bench chaos demo FORCE
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ test-fast: venv lint typecheck
 
 bench: venv
 	$(BIN)/python -m benchmarks
+
+# The mixed workload under real faults (Redis killed, subscribers cut, half-open links, writers
+# SIGKILLed mid-commit, ...): a few minutes; results in benchmarks/results/chaos.{json,md}. Needs
+# redis-server and PostgreSQL; half-open links need root (iptables) and are skipped otherwise.
+chaos: venv
+	$(BIN)/python -m benchmarks.chaos
 
 demo: venv
 	$(BIN)/hybridinval demo
