@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -428,3 +429,100 @@ def test_the_relay_command_names_what_is_missing() -> None:
     )
     assert done.returncode != 0
     assert "--database-url (or $HYBRIDINVAL_DATABASE_URL) is required" in done.stderr
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)  # SQLite has one write lock
+def test_a_relay_holding_rows_never_blocks_a_commit(
+    engine: Engine, cache: HybridCache, with_outbox: Callable[..., Any]
+) -> None:
+    """While a relay has due rows locked (mid-publish), commits go on: they only insert."""
+    factory, _ = with_outbox()
+    seed_user(factory, engine)
+    with engine.begin() as conn:
+        write_rows(conn, OUTBOX, [(cache.namespace, ["old:1"])])
+    holding, release = threading.Event(), threading.Event()
+    invalidate = cache.invalidate_many
+
+    def slow_publish(keys: Any) -> None:
+        holding.set()
+        assert release.wait(30)
+        invalidate(keys)
+
+    relay = OutboxRelay(engine, OUTBOX, cache, grace=0.0)
+    relay.cache = _Proxy(cache, invalidate_many=slow_publish)  # type: ignore[assignment]
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(relay.run_once()))
+    thread.start()
+    try:
+        assert holding.wait(30)  # the relay holds its row FOR UPDATE now
+        for i in range(3):
+            with factory.begin() as s:
+                s.get(User, 1).name = f"during {i}"
+    finally:
+        release.set()
+        thread.join(30)
+    assert done == [1]
+
+
+class _Proxy:
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        self._target = target
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_forked_child_runs_its_own_relay_and_never_touches_the_parents_connection(
+    engine: Engine, cache: HybridCache
+) -> None:
+    """gunicorn --preload: the parent's relay is mid-pass (its connection checked out, its
+    row locked) when the worker forks. The child gets a relay thread of its own that relays
+    new rows; the parent's pass completes on its connection."""
+    import os
+
+    with engine.begin() as conn:
+        write_rows(conn, OUTBOX, [(cache.namespace, ["parent:1"])])
+    holding, release = threading.Event(), threading.Event()
+    invalidate = cache.invalidate_many
+
+    def slow_publish(keys: Any) -> None:
+        if "parent:1" in keys:
+            holding.set()
+            release.wait(30)
+        invalidate(keys)
+
+    relay = OutboxRelay(engine, OUTBOX, cache, grace=0.0, interval=0.05)
+    relay.cache = _Proxy(cache, invalidate_many=slow_publish)  # type: ignore[assignment]
+    relay.start()
+    try:
+        assert holding.wait(30)
+        held = relay._conn
+        assert held is not None
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 1
+            try:
+                engine.dispose(close=False)  # SQLAlchemy's own rule for a forked child
+                ok = relay.running and relay._conn is None
+                with engine.begin() as conn:
+                    write_rows(conn, OUTBOX, [(cache.namespace, ["child:1"])])
+                deadline = time.monotonic() + 20
+                while ok and time.monotonic() < deadline:
+                    with engine.connect() as conn:
+                        keys = [r[0] for r in conn.execute(select(OUTBOX.c["keys"]))]
+                    if '["child:1"]' not in keys:
+                        code = 0 if relay.stats()["relay_rows_published"] == 1 else 2
+                        break
+                    time.sleep(0.02)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert relay._conn is held  # the parent's pass still holds its own connection
+    finally:
+        release.set()
+    wait_until(lambda: rows(engine) == [])
+    relay.stop()
+    assert relay.stats()["relay_rows_published"] >= 1
