@@ -1,11 +1,13 @@
 """Run every benchmark and write benchmarks/results/ (results.md, results.json, *.png).
 
-Three parts, in this order:
+Four parts, in this order:
 
 1. core: hybridinval's hot paths against raw baselines (:mod:`benchmarks.core`);
 2. micro: the same hot paths for every contender, side by side (:mod:`benchmarks.micro`);
 3. workload: staleness and throughput under load with faults, one contender at a time, the
-   contenders taken round robin ``--repeats`` times (:mod:`benchmarks.workload`).
+   contenders taken round robin ``--repeats`` times (:mod:`benchmarks.workload`);
+4. commit: ``Session.commit()`` on PostgreSQL without the library, installed, and installed
+   with the outbox, rotated in one run (:mod:`benchmarks.commit_overhead`).
 
 Redis: ``--redis-url``, else $HYBRIDINVAL_REDIS_URL, else 127.0.0.1:6379, else an embedded one.
 PostgreSQL: ``--postgres-url``, else $HYBRIDINVAL_POSTGRES_URL, else the local test database;
@@ -40,7 +42,7 @@ from . import core
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-PARTS = ("core", "micro", "workload")
+PARTS = ("core", "micro", "workload", "commit")
 PARTIAL = "partial"  # the subfolder of --out that a partial run writes to
 
 
@@ -96,7 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-url")
     parser.add_argument("--postgres-url")
-    parser.add_argument("--skip", default="", help="comma list of parts: core,micro,workload")
+    parser.add_argument(
+        "--skip", default="", help="comma list of parts: core,micro,workload,commit"
+    )
     parser.add_argument(
         "--contenders",
         default=",".join(cmod.CONTENDERS),
@@ -252,6 +256,16 @@ def _run_parts(
         else:
             results["postgres_version"] = pg_info
             results["workload"] = run_workload(args, url, pg_url, names, cashews_query, progress)
+    if "commit" not in skip:
+        pg_url, pg_info = _postgres(args.postgres_url)
+        if pg_url is None:
+            results["notes"].append(f"commit latency skipped: {pg_info}")
+            progress(f"commit latency skipped: {pg_info}")
+        else:
+            from . import commit_overhead
+
+            progress("commit: Session.commit() plain / installed / with the outbox")
+            results["commit"] = commit_overhead.measure(pg_url, url, rounds=150 if quick else 600)
 
 
 def _cashews_probe(

@@ -59,16 +59,16 @@ class OutboxSession(Session):
     pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: a SQLite file)")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--rounds", type=int, default=1000, help="commits per side")
-    parser.add_argument("--rows", type=int, default=100)
-    args = parser.parse_args()
-
+def measure(
+    db: str | None = None,
+    redis_url: str = "redis://127.0.0.1:6379/0",
+    rounds: int = 1000,
+    rows: int = 100,
+) -> dict[str, Any]:
+    """Median and p90 ``commit()`` time of each side (µs), the ratios, and the outbox's row
+    counts, from one run."""
     tmp = tempfile.TemporaryDirectory()
-    url = args.db or f"sqlite:///{Path(tmp.name) / 'bench.db'}"
+    url = db or f"sqlite:///{Path(tmp.name) / 'bench.db'}"
     schema = None
     engine = create_engine(url)
     if engine.dialect.name == "postgresql":
@@ -79,9 +79,9 @@ def main() -> None:
     outbox_table(Base.metadata)
     Base.metadata.create_all(engine)
     with Session(engine) as s, s.begin():
-        s.add_all(BenchRow(id=i, email=f"r{i}@x", value="v") for i in range(args.rows))
+        s.add_all(BenchRow(id=i, email=f"r{i}@x", value="v") for i in range(rows))
 
-    cache = HybridCache.from_url(args.redis, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+    cache = HybridCache.from_url(redis_url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     cache.wait_until_subscribed(10)
     plain = sessionmaker(engine, class_=PlainSession)
     cached = sessionmaker(engine, class_=CachedSession)
@@ -102,7 +102,7 @@ def main() -> None:
 
     def one_commit(factory: sessionmaker[Any], i: int) -> float:
         with factory() as s:
-            row = s.get(BenchRow, i % args.rows)
+            row = s.get(BenchRow, i % rows)
             assert row is not None
             row.value = f"v{i}"
             started = time.perf_counter()
@@ -121,7 +121,7 @@ def main() -> None:
             ("installed", cached),
             ("outbox", with_outbox),
         ]
-        for i in range(args.rounds):
+        for i in range(rounds):
             # Rotated: whichever commit runs first pays for what the previous one left behind
             # (fsync, WAL checkpoint, a cold cache line), so each side takes each place in turn.
             shift = i % len(sides)
@@ -143,28 +143,53 @@ def main() -> None:
         return sorted(xs)[int(len(xs) * 0.9)]
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "database": engine.dialect.name,
+        "rounds": rounds,
+        "published_commits": published,
+        "median_us": {k: round(v * 1e6, 1) for k, v in med.items()},
+        "p90_us": {k: round(p90(v) * 1e6, 1) for k, v in times.items()},
+        "ratio_to_plain": {k: round(med[k] / med["plain"], 2) for k in ("installed", "outbox")},
+        "outbox_to_installed": round(med["outbox"] / med["installed"], 2),
+        "publish_median_us": round(statistics.median(publish_times) * 1e6, 1),
+        "outbox_rows": {
+            "written": outbox_stats["outbox_rows_written"],
+            "deleted": outbox_stats["outbox_rows_deleted"],
+            "republished": outbox_stats["relay_rows_published"],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: a SQLite file)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--rounds", type=int, default=1000, help="commits per side")
+    parser.add_argument("--rows", type=int, default=100)
+    args = parser.parse_args()
+    r = measure(args.db, args.redis, args.rounds, args.rows)
     print(
-        f"database: {engine.dialect.name}  rounds per side: {args.rounds}  "
-        f"published commits: {published}"
+        f"database: {r['database']}  rounds per side: {r['rounds']}  "
+        f"published commits: {r['published_commits']}"
     )
     for name in ("plain", "installed", "outbox"):
         print(
-            f"  {name:>9}: median {med[name] * 1e6:8.1f} us   p90 {p90(times[name]) * 1e6:8.1f} us"
+            f"  {name:>9}: median {r['median_us'][name]:8.1f} us   p90 {r['p90_us'][name]:8.1f} us"
         )
     for name in ("installed", "outbox"):
         print(
-            f"  {name} overhead: +{(med[name] - med['plain']) * 1e6:.1f} us per commit, "
-            f"ratio {med[name] / med['plain']:.2f}x"
+            f"  {name} overhead: +{r['median_us'][name] - r['median_us']['plain']:.1f} us "
+            f"per commit, ratio {r['ratio_to_plain'][name]:.2f}x"
         )
-    print(f"  outbox vs installed: ratio {med['outbox'] / med['installed']:.2f}x")
+    print(f"  outbox vs installed: ratio {r['outbox_to_installed']:.2f}x")
+    rows_ = r["outbox_rows"]
     print(
-        f"  outbox rows written {outbox_stats['outbox_rows_written']}, deleted "
-        f"{outbox_stats['outbox_rows_deleted']}, republished by the relay "
-        f"{outbox_stats['relay_rows_published']}"
+        f"  outbox rows written {rows_['written']}, deleted {rows_['deleted']}, "
+        f"republished by the relay {rows_['republished']}"
     )
     print(
         f"  of which the publish (one Redis round trip, inside commit()): median "
-        f"{statistics.median(publish_times) * 1e6:.1f} us"
+        f"{r['publish_median_us']:.1f} us"
     )
 
 

@@ -59,19 +59,25 @@ def bench_l1_hit(url: str, rounds: int = 25) -> dict[str, Any]:
         ttl: cachetools.TTLCache[str, object] = cachetools.TTLCache(maxsize=10_000, ttl=60)
         ttl["user:1"] = value
         get, dget, lget, tget = cache.get, plain.get, lru.get, ttl.get
-        ns = _interleaved(
-            {
-                "dict.get": lambda: dget("user:1"),
-                "cachetools.LRUCache.get": lambda: lget("user:1"),
-                "cachetools.TTLCache.get": lambda: tget("user:1"),
-                "hybridinval get (L1 hit)": lambda: get("user:1"),
-            },
-            number=50_000,
-            rounds=rounds,
-        )
-        # The lambda wrapper costs the same for all four; subtract it so ratios compare the calls.
-        empty = _median_ns(lambda: None, 50_000, rounds)
-    net = {name: max(1.0, value - empty) for name, value in ns.items()}
+        stmts: dict[str, Callable[[], object]] = {
+            "empty": lambda: None,
+            "dict.get": lambda: dget("user:1"),
+            "cachetools.LRUCache.get": lambda: lget("user:1"),
+            "cachetools.TTLCache.get": lambda: tget("user:1"),
+            "hybridinval get (L1 hit)": lambda: get("user:1"),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in stmts}
+        for _ in range(rounds):
+            for name, stmt in stmts.items():
+                samples[name].append(timeit.timeit(stmt, number=50_000) / 50_000 * 1e9)
+    # The lambda wrapper costs the same for all four; subtract it so ratios compare the calls.
+    # Subtracted round by round (the empty loop timed in the same round), then the median: an
+    # empty loop timed apart, in a noisier moment, could leave a net dict.get of almost nothing.
+    empty = samples.pop("empty")
+    net = {
+        name: max(1.0, statistics.median(v - e for v, e in zip(values, empty, strict=True)))
+        for name, values in samples.items()
+    }
     ours = net["hybridinval get (L1 hit)"]
     return {
         "ns": {name: round(v, 1) for name, v in net.items()},

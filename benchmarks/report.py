@@ -210,6 +210,29 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{w.get('writes'):,} | {notes} |"
             )
         out.append("")
+    commit = results.get("commit")
+    if commit:
+        med, p90, ratio = commit["median_us"], commit["p90_us"], commit["ratio_to_plain"]
+        rows = commit["outbox_rows"]
+        out += [
+            "### Commit latency (PostgreSQL)",
+            "",
+            f"`Session.commit()` of a one-row update, {commit['rounds']} commits per side, the "
+            "sides rotated in one run on one engine. Installed: one Redis round trip publishes "
+            "inside `commit()`. Outbox: also the row's INSERT before the COMMIT (its delete runs "
+            "on the relay's thread).",
+            "",
+            "| side | median µs | p90 µs | x plain |",
+            "|---|---|---|---|",
+            f"| plain SQLAlchemy | {med['plain']} | {p90['plain']} | 1.0x |",
+            f"| installed | {med['installed']} | {p90['installed']} | {ratio['installed']}x |",
+            f"| installed, `outbox=True` | {med['outbox']} | {p90['outbox']} | "
+            f"{ratio['outbox']}x ({commit['outbox_to_installed']}x installed) |",
+            "",
+            f"Outbox rows written {rows['written']:,}, deleted by their writer "
+            f"{rows['deleted']:,}, republished by a relay {rows['republished']:,}.",
+            "",
+        ]
     targets = results.get("targets")
     if targets:
         out += ["### hybridinval targets", "", "| target | measured | met |", "|---|---|---|"]
