@@ -29,8 +29,9 @@ from the moment of the fault. For each kind of fault:
   link is half-open (nothing arrives and nothing says so), the detection bound
   (``health_check_interval + health_check_timeout``, plus δ). Must be 0.
 * **oldest stale inside the bound**: how late the latest of those reads was.
-* **lost**: after the run, every reader reads every row once more; a version older than the
-  database's is a lost invalidation. Must be 0.
+* **lost** (for the whole run, since a lost invalidation shows only at the end): after the
+  run, every reader reads every row once more; a version older than the database's is a lost
+  invalidation. Must be 0.
 * **flushes**: blind periods (L1 flushed and bypassed) the readers went through.
 * **recovery**: from the fault to the last stale read it caused (0 if none).
 
@@ -573,19 +574,8 @@ def analyse(
     )
     by_kind: dict[str, dict[str, Any]] = {}
     for kind, _ in faults:
-        by_kind.setdefault(
-            kind,
-            {
-                "injections": 0,
-                "stale_past_delta": 0,
-                "oldest_stale_in_bound_ms": 0.0,
-                "lost": 0,
-                "flushes": 0,
-                "recovery_ms": 0.0,
-            },
-        )["injections"] += 1
-    steady = {"injections": 0, "stale_past_delta": 0, "oldest_stale_in_bound_ms": 0.0,
-              "lost": 0, "flushes": 0, "recovery_ms": 0.0}  # fmt: skip
+        by_kind.setdefault(kind, _empty_figures())["injections"] += 1
+    steady = _empty_figures()
     fault_times = np.asarray([t for _, t in faults], dtype=np.int64)
 
     def phase_of(t: int) -> tuple[str, int]:
@@ -650,6 +640,16 @@ def analyse(
         "steady": steady,
         "faults": by_kind,
         "duration_s": round((end_ns - (faults[0][1] if faults else end_ns)) / 1e9, 1),
+    }
+
+
+def _empty_figures() -> dict[str, Any]:
+    return {
+        "injections": 0,
+        "stale_past_delta": 0,
+        "oldest_stale_in_bound_ms": 0.0,
+        "flushes": 0,
+        "recovery_ms": 0.0,
     }
 
 
