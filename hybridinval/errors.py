@@ -15,7 +15,8 @@ and re-exported by :mod:`hybridinval.sqlalchemy` and :mod:`hybridinval.celery`::
     │   ├── TransactionStateError      a unit-of-work call made outside a transaction
     │   ├── SessionNotInstalledError   the session's class was never install()ed
     │   ├── UntrackableRowError        a row's old cache keys cannot be known
-    │   └── AmbiguousCacheError        cached(session): the session has several caches
+    │   ├── AmbiguousCacheError        cached(session): the session has several caches
+    │   └── OutboxError                install(outbox=...): a commit cannot write its outbox row
     └── NoWorkerCacheError             hybridinval.celery: no cache in this process
 
 Bad keys and bad options raise the built-in ``TypeError`` (wrong type) or ``ValueError`` (empty,
@@ -33,6 +34,7 @@ __all__ = [
     "HybridInvalError",
     "MissingExtraError",
     "NoWorkerCacheError",
+    "OutboxError",
     "SQLAlchemyIntegrationError",
     "SerializationError",
     "SessionNotInstalledError",
@@ -105,3 +107,8 @@ class NoWorkerCacheError(HybridInvalError, RuntimeError):
 class AmbiguousCacheError(SQLAlchemyIntegrationError):
     """``hybridinval.sqlalchemy.cached(session)`` was not told which cache to read, and the
     session's class is installed with more than one."""
+
+
+class OutboxError(SQLAlchemyIntegrationError):
+    """A session installed with an outbox cannot write its commit's outbox row (a two-phase
+    session, or no bind for the outbox table); the commit fails rather than commit without it."""

@@ -109,6 +109,7 @@ from __future__ import annotations
 
 from ..errors import (
     AmbiguousCacheError,
+    OutboxError,
     SessionNotInstalledError,
     SQLAlchemyIntegrationError,
     TransactionStateError,
@@ -125,6 +126,7 @@ __all__ = [
     "AmbiguousCacheError",
     "Installation",
     "Outbox",
+    "OutboxError",
     "OutboxRelay",
     "SQLAlchemyIntegrationError",
     "SessionCache",

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
+from ..errors import OutboxError
 from ._bulk import _on_after_execute, _on_before_execute
 from ._frames import _real_parent, _UnitOfWork, _uow_for
 from ._outbox import Outbox
@@ -174,11 +176,23 @@ class Installation:
         if uow is None or not uow.outboxes or session.get_nested_transaction() is not None:
             return
         if uow.connections or uow.collected() or session.new or session.dirty or session.deleted:
+            if session.twophase:
+                # The row would have to precede the PREPARE; nothing writes it there.
+                raise OutboxError(
+                    "install(outbox=...) does not support two-phase sessions (twophase=True): "
+                    "the commit is refused rather than made without its outbox row"
+                )
             # The rows go on the connection of the outbox table's bind, begun now if the
             # transaction has none yet (keys given with no statement run): Session.commit()
             # flushes after this event, and that flush may find keys too.
             table = uow.outboxes[0].outbox.resolved_table  # type: ignore[union-attr]
-            uow.outbox_conn = session.connection(bind_arguments={"clause": table})
+            try:
+                uow.outbox_conn = session.connection(bind_arguments={"clause": table})
+            except UnboundExecutionError as exc:
+                raise OutboxError(
+                    f"the outbox table {table.fullname!r} has no bind in this session; add it "
+                    f"to the session's binds (binds={{outbox_table: engine, ...}})"
+                ) from exc
             uow.committing = True
 
     def _after_commit(self, session: Session) -> None:

@@ -27,7 +27,7 @@ from support.sa_procs import outbox_relay, outbox_writer
 from support.sa_spy import record_invalidations
 from support.servers import RedisServer
 
-from hybridinval import HybridCache
+from hybridinval import HybridCache, OutboxError
 from hybridinval.sqlalchemy import (
     Installation,
     Outbox,
@@ -526,3 +526,37 @@ def test_a_forked_child_runs_its_own_relay_and_never_touches_the_parents_connect
     wait_until(lambda: rows(engine) == [])
     relay.stop()
     assert relay.stats()["relay_rows_published"] >= 1
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)  # SQLite has no two-phase
+def test_a_two_phase_commit_is_refused_rather_than_made_without_its_row(
+    engine: Engine, cache: HybridCache, with_outbox: Callable[..., Any]
+) -> None:
+    factory, _ = with_outbox()
+    seed_user(factory, engine)
+    s = factory(twophase=True)
+    s.get(User, 1).name = "two-phase"
+    with pytest.raises(OutboxError, match="two-phase"):
+        s.commit()  # refused before the PREPARE: the row would have to precede it
+    s.rollback()
+    s.close()
+    with engine.connect() as conn:
+        assert conn.execute(select(User.name).where(User.id == 1)).scalar_one() == "old"
+    assert rows(engine) == []
+
+
+def test_a_commit_whose_row_has_no_bind_is_refused(
+    engine: Engine, cache: HybridCache, with_outbox: Callable[..., Any]
+) -> None:
+    factory, _ = with_outbox()
+    seed_user(factory, engine)
+    # The session binds only the mapped classes, so nothing says where the outbox is.
+    s = factory(bind=None, binds={User: engine})
+    s.get(User, 1).name = "unbound"
+    with pytest.raises(OutboxError, match="has no bind in this session"):
+        s.commit()
+    s.rollback()
+    s.close()
+    with engine.connect() as conn:
+        assert conn.execute(select(User.name).where(User.id == 1)).scalar_one() == "old"
+    assert rows(engine) == []
