@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("keys", sa.Text(), nullable=False),
         sa.Column("created_at", sa.Double(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_hybridinval_outbox"),
+        sqlite_autoincrement=True,  # ids are never reused (a late delete by id stays exact)
     )
 
 

@@ -50,9 +50,11 @@ class Installation:
         self.session_class = session_class
         self.cache = cache
         self.outbox = outbox
-        # With an outbox: deletes this process's published rows and, unless the outbox says
-        # relay=False, republishes rows left behind (started by install()).
+        # With an outbox: the relay that republishes rows left behind (unless the outbox says
+        # relay=False; started by install()), and one relay per database rows were written to,
+        # which deletes them once published (the republishing one for its own database).
         self.relay: OutboxRelay | None = None
+        self._relays: dict[tuple[int, str], OutboxRelay] = {}
         if outbox is not None and relay_engine is not None:
             self.relay = OutboxRelay(
                 relay_engine,
@@ -61,8 +63,8 @@ class Installation:
                 grace=outbox.grace,
                 interval=outbox.interval,
                 batch=outbox.batch,
-                republish=outbox.relay is not False,
             )
+            self._relays[_engine_key(relay_engine)] = self.relay
         self._stats = dict.fromkeys(
             (
                 "commits_published",
@@ -92,8 +94,8 @@ class Installation:
             event.listen(self.session_class, name, fn)
         registry.add_installation(self)
         self.installed = True
-        if self.relay is not None:
-            self.relay.start()
+        for relay in self._relays.values():
+            relay.start()
 
     def uninstall(self) -> None:
         """Remove the listeners. Keys pending in open transactions are dropped. Idempotent."""
@@ -104,8 +106,8 @@ class Installation:
         for name, fn in self._listeners:
             if event.contains(self.session_class, name, fn):
                 event.remove(self.session_class, name, fn)
-        if self.relay is not None:
-            self.relay.stop()
+        for relay in list(self._relays.values()):
+            relay.stop()
 
     def stats(self) -> dict[str, Any]:
         """Counters since install (this installation acting as the sessions' primary); with an
@@ -114,29 +116,34 @@ class Installation:
         in a process that runs no relay), rows republished and deleted."""
         out: dict[str, Any] = dict(self._stats)
         if self.outbox is not None:
-            relay = self.relay
-            out.update(
-                relay.stats()
-                if relay is not None
-                else {"outbox_backlog": None, "outbox_oldest_age_s": None}
-            )
+            out["outbox_backlog"] = out["outbox_oldest_age_s"] = None
+            for relay in list(self._relays.values()):
+                for name, value in relay.stats().items():
+                    if name in ("outbox_backlog", "outbox_oldest_age_s"):
+                        if relay.republish:
+                            out[name] = value
+                    else:
+                        out[name] = out.get(name, 0) + value
         return out
 
     # -- the outbox ---------------------------------------------------------------------------
 
-    def _attach_engine(self, conn: Connection) -> None:
-        """A row was written through ``conn``: make sure something will delete it once
-        published (a delete-only relay on its engine when this process runs no relay)."""
-        if self.relay is not None or self.outbox is None:
-            return
+    def _relay_for(self, conn: Connection) -> OutboxRelay | None:
+        """The relay that deletes rows written through ``conn`` once they are published: the
+        one for its database (same pool and schema map), made delete-only if there is none."""
+        key = _engine_key(conn.engine)
+        relay = self._relays.get(key)
+        if relay is not None or self.outbox is None:
+            return relay
         if conn.dialect.is_async:
             # An async engine's connections belong to its event loop: no thread may use them.
             # The rows are then deleted by the relay that republishes them (a duplicate
             # publish, which is harmless).
-            return
+            return None
         with registry.lock:
-            if self.relay is None:
-                self.relay = OutboxRelay(
+            relay = self._relays.get(key)
+            if relay is None:
+                relay = self._relays[key] = OutboxRelay(
                     conn.engine,
                     self.outbox.resolved_table,
                     self.cache,
@@ -145,11 +152,7 @@ class Installation:
                     batch=self.outbox.batch,
                     republish=False,
                 ).start()
-
-    def _published(self, row_id: int) -> None:
-        relay = self.relay
-        if relay is not None:
-            relay.published(row_id)
+        return relay
 
     def __repr__(self) -> str:
         state = "installed" if self.installed else "uninstalled"
@@ -175,8 +178,9 @@ class Installation:
         uow = self._uow(session)
         if uow is None or not uow.outboxes or session.get_nested_transaction() is not None:
             return
-        if uow.connections or uow.collected() or session.new or session.dirty or session.deleted:
-            if session.twophase:
+        pending = bool(uow.collected() or session.new or session.dirty or session.deleted)
+        if pending or uow.connections:
+            if session.twophase and pending:
                 # The row would have to precede the PREPARE; nothing writes it there.
                 raise OutboxError(
                     "install(outbox=...) does not support two-phase sessions (twophase=True): "
@@ -185,6 +189,12 @@ class Installation:
             # The rows go on the connection of the outbox table's bind, begun now if the
             # transaction has none yet (keys given with no statement run): Session.commit()
             # flushes after this event, and that flush may find keys too.
+            tables = {i.outbox.resolved_table.fullname for i in uow.outboxes}  # type: ignore[union-attr]
+            if len(tables) > 1:
+                raise OutboxError(
+                    f"installations with outboxes in different tables ({sorted(tables)}) cover "
+                    f"this session; give them one outbox table"
+                )
             table = uow.outboxes[0].outbox.resolved_table  # type: ignore[union-attr]
             try:
                 uow.outbox_conn = session.connection(bind_arguments={"clause": table})
@@ -356,6 +366,12 @@ def install(target: Any, cache: HybridCache, *, outbox: bool | Outbox = False) -
     installation = Installation(_session_class(target), cache, options, relay_engine)
     installation._install()
     return installation
+
+
+def _engine_key(engine: Engine) -> tuple[int, str]:
+    """Which database and schema a connection of ``engine`` writes rows to."""
+    translate = engine.get_execution_options().get("schema_translate_map")
+    return id(engine.pool), repr(sorted(translate.items(), key=repr)) if translate else ""
 
 
 def _relay_engine(target: Any, options: Outbox) -> Engine:

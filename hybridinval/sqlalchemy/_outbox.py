@@ -58,12 +58,16 @@ def outbox_table(
     return Table(
         name,
         metadata,
-        # INTEGER PRIMARY KEY on SQLite: the rowid itself, assigned in ascending order.
+        # INTEGER PRIMARY KEY on SQLite: the rowid itself, in ascending order.
         Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
         Column("namespace", String(200), nullable=False),
         Column("keys", Text(), nullable=False),
         Column("created_at", Double(), nullable=False),
         schema=schema,
+        # AUTOINCREMENT: never reuse the id of a deleted row. A late delete by id (a writer
+        # whose retry succeeded after a relay had republished and deleted its row) must not
+        # remove another writer's row that took the id over.
+        sqlite_autoincrement=True,
     )
 
 

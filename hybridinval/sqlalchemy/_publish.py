@@ -17,15 +17,18 @@ if TYPE_CHECKING:
 
     from .._cache import HybridCache
     from ._install import Installation
+    from ._relay import OutboxRelay
 
 log = logging.getLogger("hybridinval.sqlalchemy")
 
 
 class OutboxRow(NamedTuple):
-    """An outbox row written for one installation's cache in the committing transaction."""
+    """An outbox row written for one installation's cache in the committing transaction, and
+    the relay that deletes it from that database once published (None: left to a relay)."""
 
     installation: Installation
     row_id: int
+    relay: OutboxRelay | None
 
 
 def _write_outbox(
@@ -39,8 +42,7 @@ def _write_outbox(
         assert outbox is not None
         (row_id,) = write_rows(conn, outbox.resolved_table, [(installation.cache.namespace, keys)])
         installation._stats["outbox_rows_written"] += 1
-        installation._attach_engine(conn)
-        rows.append(OutboxRow(installation, row_id))
+        rows.append(OutboxRow(installation, row_id, installation._relay_for(conn)))
     return rows
 
 
@@ -50,15 +52,16 @@ def _invalidate_committed(
     """Publish after a commit. Never raises: the data is committed whatever Redis says.
 
     A cache that has an outbox row for these keys has it deleted once Redis took them."""
-    done = {id(row.installation.cache): row for row in rows}
+    done = {id(row.installation.cache): row for row in rows if row.relay is not None}
     for cache in caches:
         row = done.get(id(cache))
         try:
             if row is None:
                 cache.invalidate_committed(keys)
             else:
+                assert row.relay is not None
                 cache.invalidate_committed(
-                    keys, on_published=functools.partial(row.installation._published, row.row_id)
+                    keys, on_published=functools.partial(row.relay.published, row.row_id)
                 )
         except Exception:
             # invalidate_committed() handles Redis failures itself; this is the last line for

@@ -19,6 +19,11 @@ While Redis is unreachable the publish fails, the transaction rolls back and the
 the next pass. A row whose keys cannot be read (not this library's JSON, or a key no cache
 accepts) is logged, counted and left in place for an operator: it is never silently dropped.
 
+The relay reaches the database through a pool of its own, made from the application's engine
+(``Pool.recreate()``: the same driver, arguments and connect listeners), so that it never takes
+the application's pooled connections, and a forked child gets a fresh one: a connection the
+parent's relay held at the fork is kept referenced in the child, never used, returned or closed.
+
 This module must never delete a row whose keys Redis has not taken, and never hold a database
 lock across anything but one Redis round trip.
 """
@@ -32,7 +37,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import create_engine, delete, false, func, select
 
 from ..errors import BackendUnavailableError, CacheClosedError
 from ..keyspace import check_key
@@ -69,7 +74,7 @@ class OutboxRelay:
         batch: int = 500,
         republish: bool = True,
     ) -> None:
-        self.engine = engine
+        self.app_engine = engine
         self.table = table
         self.cache = cache
         self.namespace = cache.namespace
@@ -82,6 +87,7 @@ class OutboxRelay:
 
     def _reset(self) -> None:
         """State of one OS process (fresh at construction and in a forked child)."""
+        self.engine = _private_engine(self.app_engine)
         self._lock = threading.Lock()
         self._published: list[int] = []
         self._bad_rows: set[int] = set()
@@ -89,7 +95,7 @@ class OutboxRelay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self._conn: Connection | None = None  # checked out by the relay thread, for fork
+        self._checked_out: set[Connection] = set()  # for fork: never used again in a child
         self._stats: dict[str, Any] = {
             "outbox_backlog": None,
             "outbox_oldest_age_s": None,
@@ -208,15 +214,14 @@ class OutboxRelay:
         with self._lock:
             self._stats["outbox_backlog"] = count
             self._stats["outbox_oldest_age_s"] = round(age, 3) if age is not None else None
-        return count > len(self._bad_rows) and age is not None and age >= self.grace
+        return age is not None and age >= self.grace
 
     def _relay_batch(self) -> int:
         """Republish and delete up to ``batch`` due rows in one transaction; their number."""
         table = self.table
         with self._connect() as conn:
             if conn.dialect.name == "sqlite":
-                # The write lock, before reading: one relay at a time picks rows.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                _sqlite_write_lock(conn, table)
             # The first statement begins the transaction (SQLAlchemy's autobegin).
             query = (
                 select(table.c.id, table.c["keys"])
@@ -228,8 +233,12 @@ class OutboxRelay:
                 .limit(self.batch + len(self._bad_rows))
                 .with_for_update(skip_locked=True)
             )
-            rows = [r for r in conn.execute(query) if r[0] not in self._bad_rows]
-            rows = rows[: self.batch]
+            found = list(conn.execute(query))
+            if len(found) < self.batch + len(self._bad_rows):
+                # Every due row was read: forget bad rows that are gone (an operator deleted
+                # them), so they neither hide good rows nor pile up.
+                self._bad_rows &= {r[0] for r in found}
+            rows = [r for r in found if r[0] not in self._bad_rows][: self.batch]
             ids, keys = self._decode(rows)
             if not ids:
                 conn.rollback()
@@ -288,36 +297,61 @@ class OutboxRelay:
 
     def _after_fork_in_child(self) -> None:
         running = self._thread is not None
-        leaked = self._conn
-        if leaked is not None:
-            # Checked out by the parent's relay thread, which does not exist here: keep it
-            # referenced for ever, so it is neither returned to the pool (where this process
-            # would share the parent's socket) nor closed (which would end the parent's session).
-            _inherited_connections.append(leaked)
+        # The parent's private pool and the connections its relay thread held (that thread does
+        # not exist here): kept referenced for ever, so nothing of theirs is used by this process
+        # (the parent's sockets), returned to a pool or closed (which would end the parent's
+        # database sessions). _reset() makes a fresh private pool.
+        _inherited.append((self.engine, set(self._checked_out)))
         self._reset()
         if running:
             self.start()
 
 
 class _Checkout:
-    """``with relay._connect() as conn``: a pooled connection, remembered while checked out."""
+    """``with relay._connect() as conn``: a connection of the relay's private pool, remembered
+    while checked out (several threads may run passes at once)."""
 
     def __init__(self, relay: OutboxRelay) -> None:
         self.relay = relay
+        self.conn: Connection | None = None
 
     def __enter__(self) -> Connection:
-        conn = self.relay.engine.connect()
-        self.relay._conn = conn
+        conn = self.conn = self.relay.engine.connect()
+        with self.relay._lock:
+            self.relay._checked_out.add(conn)
         return conn
 
     def __exit__(self, *exc: object) -> None:
-        conn, self.relay._conn = self.relay._conn, None
+        conn, self.conn = self.conn, None
         if conn is not None:
+            with self.relay._lock:
+                self.relay._checked_out.discard(conn)
             conn.close()
 
 
+def _private_engine(engine: Engine) -> Engine:
+    """An engine on ``engine``'s database with a pool of its own (same creator, arguments and
+    connect listeners) and the same execution options (a schema_translate_map, say)."""
+    private = create_engine(engine.url, pool=engine.pool.recreate())
+    options = engine.get_execution_options()
+    return private.execution_options(**options) if options else private
+
+
+def _sqlite_write_lock(conn: Connection, table: Table) -> None:
+    """Take SQLite's write lock now, before reading, so one relay at a time picks rows: BEGIN
+    IMMEDIATE, or, if a transaction is already open on the driver (the pysqlite recipe whose
+    ``begin`` listener emits its own BEGIN), a write that changes nothing."""
+    if not conn.in_transaction():
+        conn.begin()
+    dbapi = conn.connection.dbapi_connection
+    if not getattr(dbapi, "in_transaction", True):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.execute(delete(table).where(false()))
+
+
 _live_relays: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()
-_inherited_connections: list[Any] = []
+_inherited: list[Any] = []
 
 
 def _reset_relays_after_fork() -> None:

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.orm import Session, sessionmaker
 from support.proxy import TcpProxy
-from support.sa_models import OUTBOX, DbSpec, TrackedSession, User
+from support.sa_models import OUTBOX, DbSpec, TrackedSession, User, create_database
 from support.sa_procs import outbox_relay, outbox_writer
 from support.sa_spy import record_invalidations
 from support.servers import RedisServer
@@ -475,7 +475,7 @@ class _Proxy:
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 def test_a_forked_child_runs_its_own_relay_and_never_touches_the_parents_connection(
-    engine: Engine, cache: HybridCache
+    db: DbSpec, engine: Engine, cache: HybridCache
 ) -> None:
     """gunicorn --preload: the parent's relay is mid-pass (its connection checked out, its
     row locked) when the worker forks. The child gets a relay thread of its own that relays
@@ -498,19 +498,24 @@ def test_a_forked_child_runs_its_own_relay_and_never_touches_the_parents_connect
     relay.start()
     try:
         assert holding.wait(30)
-        held = relay._conn
-        assert held is not None
+        held = set(relay._checked_out)
+        assert held
+        parent_pool = relay.engine.pool
         pid = os.fork()
         if pid == 0:  # the child: report through the exit status only
             code = 1
             try:
-                engine.dispose(close=False)  # SQLAlchemy's own rule for a forked child
-                ok = relay.running and relay._conn is None
-                with engine.begin() as conn:
+                # No engine.dispose() here: the relay must not rely on the application doing
+                # it first. Its pool is its own, and new in this process.
+                ok = relay.running and not relay._checked_out
+                ok = ok and relay.engine.pool is not parent_pool
+                ok = ok and relay.engine.pool is not engine.pool
+                mine = db.engine()  # this test's own reads and writes, on new connections
+                with mine.begin() as conn:
                     write_rows(conn, OUTBOX, [(cache.namespace, ["child:1"])])
                 deadline = time.monotonic() + 20
                 while ok and time.monotonic() < deadline:
-                    with engine.connect() as conn:
+                    with mine.connect() as conn:
                         keys = [r[0] for r in conn.execute(select(OUTBOX.c["keys"]))]
                     if '["child:1"]' not in keys:
                         code = 0 if relay.stats()["relay_rows_published"] == 1 else 2
@@ -520,7 +525,7 @@ def test_a_forked_child_runs_its_own_relay_and_never_touches_the_parents_connect
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert relay._conn is held  # the parent's pass still holds its own connection
+        assert relay._checked_out == held  # the parent's pass still holds its own connection
     finally:
         release.set()
     wait_until(lambda: rows(engine) == [])
@@ -560,3 +565,75 @@ def test_a_commit_whose_row_has_no_bind_is_refused(
     with engine.connect() as conn:
         assert conn.execute(select(User.name).where(User.id == 1)).scalar_one() == "old"
     assert rows(engine) == []
+
+
+def test_rows_are_deleted_from_the_database_they_were_written_to(
+    engine: Engine, cache: HybridCache, tmp_path: Path, with_outbox: Callable[..., Any]
+) -> None:
+    """A session bound to another database than the relay's: its row is deleted there, and a
+    row with the same id in the relay's database (a dead writer's) is left for the relay."""
+    other = create_database("sqlite", str(tmp_path / "other.db")).engine()
+    try:
+        factory, installation = with_outbox(Outbox(interval=0.05, grace=3600))
+        with engine.begin() as conn:  # a dead writer's row, not due for an hour
+            (left_id,) = write_rows(conn, OUTBOX, [(cache.namespace, ["dead:1"])])
+        with factory(bind=other) as s, s.begin():
+            s.add(User(id=1, email="u1@x", name="elsewhere"))
+        with other.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(OUTBOX.c.id))]
+        assert ids  # written to the session's own database
+        wait_until(lambda: _ids(other) == [])
+        assert _ids(engine) == [left_id]
+        assert installation.stats()["outbox_rows_deleted"] >= 1
+    finally:
+        other.dispose()
+
+
+def _ids(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(select(OUTBOX.c.id))]
+
+
+def test_ids_are_never_reused(engine: Engine) -> None:
+    with engine.begin() as conn:
+        first = write_rows(conn, OUTBOX, [("ns", ["a"]), ("ns", ["b"])])
+        conn.execute(delete(OUTBOX))
+        (again,) = write_rows(conn, OUTBOX, [("ns", ["c"])])
+    assert again > max(first)
+
+
+def test_a_bad_row_an_operator_deleted_hides_no_good_row(
+    engine: Engine, cache: HybridCache
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(OUTBOX.insert().values(namespace=cache.namespace, keys="bad", created_at=0))
+    relay = OutboxRelay(engine, OUTBOX, cache, grace=0.0)
+    assert relay.run_once() == 0 and relay.stats()["relay_bad_rows"] == 1
+    with engine.begin() as conn:
+        conn.execute(delete(OUTBOX))  # the operator's fix
+        write_rows(conn, OUTBOX, [(cache.namespace, ["good:1"])])
+    assert relay.run_once() == 1
+    assert rows(engine) == []
+
+
+def test_the_relay_takes_sqlites_write_lock_under_the_pysqlite_begin_recipe(
+    cache: HybridCache, tmp_path: Path
+) -> None:
+    """SQLAlchemy's documented pysqlite recipe: the driver's own transaction handling off, and
+    a ``begin`` listener that emits BEGIN. BEGIN IMMEDIATE would then fail in a transaction."""
+    spec = create_database("sqlite", str(tmp_path / "recipe.db"))
+    engine = create_engine(spec.url, isolation_level=None)
+
+    @event.listens_for(engine, "begin")
+    def do_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    try:
+        with engine.begin() as conn:
+            write_rows(conn, OUTBOX, [(cache.namespace, ["k:1"])])
+        relay = OutboxRelay(engine, OUTBOX, cache, grace=0.0)
+        assert relay.run_once() == 1
+        assert relay.stats()["relay_failures"] == 0
+        assert _ids(engine) == []
+    finally:
+        engine.dispose()
