@@ -137,6 +137,8 @@ class OutboxRelay:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         _live_relays.discard(self)
+        if thread is None or not thread.is_alive():
+            self.engine.dispose()  # the private pool's idle connections
 
     @property
     def running(self) -> bool:
