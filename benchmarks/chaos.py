@@ -29,9 +29,9 @@ from the moment of the fault. For each kind of fault:
   link is half-open (nothing arrives and nothing says so), the detection bound
   (``health_check_interval + health_check_timeout``, plus δ). Must be 0.
 * **oldest stale inside the bound**: how late the latest of those reads was.
-* **lost** (for the whole run, since a lost invalidation shows only at the end): after the
-  run, every reader reads every row once more; a version older than the database's is a lost
-  invalidation. Must be 0.
+* **lost**: after the run, every reader reads every row once more; a version older than the
+  database's is a lost invalidation, counted against the fault phase of the commit that made
+  the newer version. Must be 0.
 * **flushes**: blind periods (L1 flushed and bypassed) the readers went through.
 * **recovery**: from the fault to the last stale read it caused (0 if none).
 
@@ -627,6 +627,11 @@ def analyse(
                 name, _ = phase_of(int(flushes[j][0]))
                 by_kind.get(name, steady)["flushes"] += grown
         lost_total += len(data["lost"])
+        for row, _seen, version in data["lost"]:
+            # Attributed to the phase of the commit whose invalidation never arrived.
+            made_at = made.get((int(row), int(version)))
+            name, _ = phase_of(made_at[0]) if made_at else ("steady", 0)
+            by_kind.get(name, steady)["lost"] += 1
     return {
         "config": asdict(cfg),
         "reads": total_reads,
@@ -650,19 +655,21 @@ def _empty_figures() -> dict[str, Any]:
         "oldest_stale_in_bound_ms": 0.0,
         "flushes": 0,
         "recovery_ms": 0.0,
+        "lost": 0,
     }
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [
         "| fault | injections | stale past δ (must be 0) | oldest stale inside its "
-        "bound | flushes | recovery |",
-        "|---|---|---|---|---|---|",
+        "bound | invalidations lost (must be 0) | flushes | recovery |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in [("steady", report["steady"]), *report["faults"].items()]:
         lines.append(
             f"| {name} | {s['injections']} | {s['stale_past_delta']} | "
-            f"{s['oldest_stale_in_bound_ms']} ms | {s['flushes']} | {s['recovery_ms']} ms |"
+            f"{s['oldest_stale_in_bound_ms']} ms | {s.get('lost', 0)} | {s['flushes']} | "
+            f"{s['recovery_ms']} ms |"
         )
     cfg = report["config"]
     lines += [

@@ -65,6 +65,8 @@ def test_an_unknown_outcome_counts_only_if_it_committed(tmp_path: Path) -> None:
     assert report["faults"]["PG terminate"]["stale_past_delta"] == 0
     assert report["unknown_outcomes"] == 1
     assert report["lost_invalidations"] == 1
+    # (row 1, seen 1, database 2): v2 was made by the commit after the fault
+    assert report["faults"]["PG terminate"]["lost"] == 1
     assert report["faults"]["PG terminate"]["flushes"] == 2
 
 
