@@ -94,7 +94,6 @@ class OutboxRelay:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self._checked_out: set[Connection] = set()  # for fork: never used again in a child
         self._stats: dict[str, Any] = {
             "outbox_backlog": None,
