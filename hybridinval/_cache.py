@@ -37,7 +37,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Self, TypeVar
 
 from . import _hitpath
@@ -61,6 +61,11 @@ log = logging.getLogger("hybridinval")
 T = TypeVar("T")
 
 _monotonic = time.monotonic
+
+LOAD: Any = ("load",)
+"""What :meth:`HybridCache._fill_steps` yields when the loader must run."""
+
+FillSteps = Generator[tuple[Any, ...], Any, tuple[Any, bool, bytes | None]]
 
 
 class HybridCache:
@@ -264,11 +269,23 @@ class HybridCache:
         try:
             value, cacheable, version = self._fill(key, loader, ttl)
         except BaseException as exc:
-            fill.error = exc
-            with local.lock:
-                local.end_fill_locked(key, fill)
-            fill.finish()
+            self._fill_failed(key, fill, exc)
             raise
+        self._fill_done(key, fill, value, cacheable, version, ttl, l1_ttl)
+        return value
+
+    def _fill_done(
+        self,
+        key: str,
+        fill: Fill,
+        value: Any,
+        cacheable: bool,
+        version: bytes | None,
+        ttl: float | None,
+        l1_ttl: float | None,
+    ) -> None:
+        """The end of a fill this caller led: store through the guard, wake the waiters."""
+        local = self._local
         fill.value = value
         if cacheable:
             lifetime = min(l1_ttl or self.l1_ttl, ttl or self.l1_ttl)
@@ -277,26 +294,55 @@ class HybridCache:
             with local.lock:
                 local.end_fill_locked(key, fill)
         fill.finish()
-        return value
+
+    def _fill_failed(self, key: str, fill: Fill, error: BaseException) -> None:
+        """A fill this caller led raised (or was cancelled): every waiter gets the error."""
+        fill.error = error
+        local = self._local
+        with local.lock:
+            local.end_fill_locked(key, fill)
+        fill.finish()
 
     def _fill(
         self, key: str, loader: Callable[[], Any] | None, ttl: float | None
     ) -> tuple[Any, bool, bytes | None]:
-        """Read L2, else load and write L2. Returns the value, whether L1 may keep it, and the
-        L2 version it is known to belong to (None when unknown)."""
-        stats = self._stats
+        """Read L2, else load and write L2: :meth:`_fill_steps`, driven with blocking I/O."""
         l2 = self.l2
+        steps = self._fill_steps(key, loader is not None, ttl)
+        step = next(steps)
+        try:
+            while True:
+                if step is LOAD:
+                    step = steps.send(loader())  # type: ignore[misc]
+                    continue
+                try:
+                    result = getattr(l2, step[0])(*step[1:])
+                except BackendUnavailableError as exc:
+                    step = steps.throw(exc)
+                else:
+                    step = steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _fill_steps(self, key: str, loads: bool, ttl: float | None) -> FillSteps:
+        """The decisions of a fill, free of I/O, so that the blocking and the asyncio read paths
+        share them: yields an L2 call as ``(method name, *args)`` (the driver sends back its
+        result or throws its ``BackendUnavailableError`` in) or :data:`LOAD` (the driver sends
+        back the loader's value; a loader's exception is the driver's to raise). Returns the
+        value, whether L1 may keep it, and the L2 version it is known to belong to (None when
+        unknown)."""
+        stats = self._stats
         value = MISSING
         version: bytes | None = None
         try:
-            payload, version = l2.get(key)
+            payload, version = yield ("get", key)
             if payload is not None:
                 value = self._decoded(key, payload)
-            if value is MISSING and loader is not None:
+            if value is MISSING and loads:
                 # About to load: read the version the load must be written under, atomically
                 # with the value (another process may have filled the key since).
                 first = payload
-                payload, version = l2.get_for_fill(key)
+                payload, version = yield ("get_for_fill", key)
                 if payload is not None:
                     value = self._decoded(key, payload, counted=first is None)
         except BackendUnavailableError as exc:
@@ -307,21 +353,21 @@ class HybridCache:
             stats["l2_hits"] += 1
             return value, True, version
         stats["l2_misses"] += 1
-        if loader is None:
+        if not loads:
             return MISSING, False, None
         started = _monotonic()
         stats["loads"] += 1
-        value = loader()
+        value = yield LOAD
         payload = self._dumps(key, value)
         if version is None:  # L2 unreachable: L1 only (and only if the backplane is trusted)
             return value, True, None
-        if _monotonic() - started > l2.version_ttl / 2:
+        if _monotonic() - started > self.l2.version_ttl / 2:
             # The version key may have expired and come back meanwhile; a CAS against it
             # would prove nothing. Skip L2 rather than risk a stale write.
             stats["l2_cas_rejections"] += 1
             return value, True, None
         try:
-            stored = l2.cas_set(key, payload, ttl or self.l2_ttl, version)
+            stored = yield ("cas_set", key, payload, ttl or self.l2_ttl, version)
         except BackendUnavailableError as exc:
             stats["l2_errors"] += 1
             log.debug("L2 write of %r failed: %s", key, exc)
@@ -365,6 +411,10 @@ class HybridCache:
         except BackendUnavailableError:
             self._local.evict((key,))
             raise
+        self._was_set(key, value, ttl, version)
+
+    def _was_set(self, key: str, value: Any, ttl: float | None, version: bytes) -> None:
+        """After L2 took a ``set()``: cancel older fills of the key and keep the value in L1."""
         self._stats["invalidations_sent"] += 1
         self._stats["keys_invalidated"] += 1
         local = self._local

@@ -235,23 +235,41 @@ class Coherence:
         """
         caught_up = self.transport.caught_up
         assert self.l1_lease is not None
-        local = self.local
         proven = caught_up(0.0)
         if proven is None:
-            local.stats["lease_waits"] += 1
+            self.local.stats["lease_waits"] += 1
             proven = caught_up(self.l1_lease_wait)
             if proven is None:
-                proven = _monotonic()
-                with local.lock:
-                    local.stats["lease_flushes"] += 1
-                    local.flush_locked()
-                if proven >= self._lease_log_after:
-                    self._lease_log_after = proven + 1.0
-                    log.warning(
-                        "backplane %s: subscriber still behind after %.0f ms; L1 "
-                        "flushed (%d times so far)",
-                        self.transport.channel,
-                        self.l1_lease_wait * 1000,
-                        local.stats["lease_flushes"],
-                    )
+                proven = self.flush_for_lease()
         self.lease.until = proven + self.l1_lease
+
+    def try_renew_lease(self) -> bool:
+        """:meth:`renew_lease` without waiting: renew if the proof holds right now. For readers
+        that must not block (an event loop), which wait by polling this instead."""
+        assert self.l1_lease is not None
+        proven = self.transport.caught_up(0.0)
+        if proven is None:
+            return False
+        self.lease.until = proven + self.l1_lease
+        return True
+
+    def flush_for_lease(self) -> float:
+        """The subscriber stayed behind for ``l1_lease_wait``: flush L1 (what is filled from L2
+        afterwards is at least as new as every message still queued), renew the lease from now
+        and return now."""
+        assert self.l1_lease is not None
+        local = self.local
+        proven = _monotonic()
+        with local.lock:
+            local.stats["lease_flushes"] += 1
+            local.flush_locked()
+        if proven >= self._lease_log_after:
+            self._lease_log_after = proven + 1.0
+            log.warning(
+                "backplane %s: subscriber still behind after %.0f ms; L1 flushed (%d times so far)",
+                self.transport.channel,
+                self.l1_lease_wait * 1000,
+                local.stats["lease_flushes"],
+            )
+        self.lease.until = proven + self.l1_lease
+        return proven

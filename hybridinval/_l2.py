@@ -43,7 +43,7 @@ Notify = tuple[str, bytes] | None
 trip; ``None``: publish nothing (the cache hands the message to the transport instead)."""
 
 _ABSENT = b""  # what cas_set compares against when the version key did not exist
-_VERSION_LENGTH = 16  # of every token (_new_version) and of _NO_VERSION
+_VERSION_LENGTH = 16  # of every token (new_version) and of _NO_VERSION
 _NO_VERSION = b"-" * _VERSION_LENGTH  # heads a value written while its key had no version
 
 _INVALIDATE = """
@@ -178,10 +178,7 @@ class RedisL2:
             stored = self._execute("GET", self._data_prefix + key)
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
-        if stored is None:
-            return None, None
-        version = stored[:_VERSION_LENGTH]
-        return stored[_VERSION_LENGTH:], (_ABSENT if version == _NO_VERSION else version)
+        return split_stored(stored)
 
     def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
         try:
@@ -190,28 +187,19 @@ class RedisL2:
             )
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
-        return (None if stored is None else stored[_VERSION_LENGTH:]), version or _ABSENT
+        return split_for_fill(stored, version)
 
     def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
         try:
-            stored = self._eval(
-                self._cas_set,
-                (self._data_prefix + key, self._version_prefix + key),
-                (version, (version or _NO_VERSION) + payload, _ms(ttl)),
-            )
+            stored = self._eval(self._cas_set, *self.cas_set_args(key, payload, ttl, version))
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
         return bool(stored)
 
     def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
-        channel, message = notify or _NO_NOTIFY
-        version = _new_version()
+        version = new_version()
         try:
-            self._eval(
-                self._set,
-                (self._data_prefix + key, self._version_prefix + key),
-                (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
-            )
+            self._eval(self._set, *self.set_args(key, payload, ttl, version, notify))
         except RedisError as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
         return version
@@ -228,19 +216,39 @@ class RedisL2:
         return out
 
     def invalidate_many(self, keys: Sequence[str], notify: Notify = None) -> None:
-        channel, message = notify or _NO_NOTIFY
-        redis_keys = [self._data_prefix + k for k in keys]
-        redis_keys += [self._version_prefix + k for k in keys]
         try:
-            self._eval(
-                self._invalidate,
-                redis_keys,
-                (_new_version(), self._version_ttl_ms, channel, message),
-            )
+            self._eval(self._invalidate, *self.invalidate_args(keys, notify))
         except RedisError as exc:
             raise BackendUnavailableError(
                 f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
             ) from exc
+
+    # -- the scripts' arguments (shared with the asyncio store, hybridinval._l2_async) --------
+
+    def cas_set_args(
+        self, key: str, payload: bytes, ttl: float, version: bytes
+    ) -> tuple[tuple[str, str], tuple[Any, ...]]:
+        return (
+            (self._data_prefix + key, self._version_prefix + key),
+            (version, (version or _NO_VERSION) + payload, _ms(ttl)),
+        )
+
+    def set_args(
+        self, key: str, payload: bytes, ttl: float, version: bytes, notify: Notify
+    ) -> tuple[tuple[str, str], tuple[Any, ...]]:
+        channel, message = notify or _NO_NOTIFY
+        return (
+            (self._data_prefix + key, self._version_prefix + key),
+            (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
+        )
+
+    def invalidate_args(
+        self, keys: Sequence[str], notify: Notify
+    ) -> tuple[list[str], tuple[Any, ...]]:
+        channel, message = notify or _NO_NOTIFY
+        redis_keys = [self._data_prefix + k for k in keys]
+        redis_keys += [self._version_prefix + k for k in keys]
+        return redis_keys, (new_version(), self._version_ttl_ms, channel, message)
 
     def incarnation(self) -> str:
         # run_id changes on every restart and differs on a promoted replica; the marker key
@@ -250,7 +258,7 @@ class RedisL2:
         try:
             # One round trip: create the marker if absent, refresh its lifetime, read it back.
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(marker, _new_version(), nx=True, px=self._incarnation_ttl_ms)
+            pipe.set(marker, new_version(), nx=True, px=self._incarnation_ttl_ms)
             pipe.pexpire(marker, self._incarnation_ttl_ms)
             pipe.get(marker)
             pipe.info("server")
@@ -278,7 +286,20 @@ class RedisL2:
 _NO_NOTIFY = ("", b"")
 
 
-def _new_version() -> bytes:
+def split_stored(stored: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """A value key's content as ``(payload, version)`` (``(None, None)`` when absent)."""
+    if stored is None:
+        return None, None
+    version = stored[:_VERSION_LENGTH]
+    return stored[_VERSION_LENGTH:], (_ABSENT if version == _NO_VERSION else version)
+
+
+def split_for_fill(stored: bytes | None, version: bytes | None) -> tuple[bytes | None, bytes]:
+    """An MGET of value key and version key as ``(payload or None, current version)``."""
+    return (None if stored is None else stored[_VERSION_LENGTH:]), version or _ABSENT
+
+
+def new_version() -> bytes:
     return secrets.token_hex(8).encode()
 
 

@@ -13,6 +13,8 @@ before an invalidation is never stored after it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -53,9 +55,15 @@ COUNTERS = (
 
 
 class Fill:
-    """One in-flight load of one key: its guard and, for single flight, its future."""
+    """One in-flight load of one key: its guard and, for single flight, its future.
 
-    __slots__ = ("_done", "cancelled", "epoch", "error", "value")
+    Waiters may be threads (:meth:`wait`) or coroutines on any event loop (:meth:`wait_async`).
+    A coroutine registers, under :attr:`LocalState.lock`, only while the fill is still in
+    :attr:`LocalState.fills`; the fill leaves that map (under the lock) before :meth:`finish`,
+    so every registered waiter is woken.
+    """
+
+    __slots__ = ("_done", "_waiters", "cancelled", "epoch", "error", "value")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,16 +73,63 @@ class Fill:
         # A held lock is the cheapest "done" flag to wait on (an Event builds a Condition).
         self._done = threading.Lock()
         self._done.acquire()
+        self._waiters: list[asyncio.Future[None]] | None = None
 
     def finish(self) -> None:
         self._done.release()
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for future in waiters:
+                _wake(future)
 
     def wait(self) -> Any:
         with self._done:  # each waiter passes the released lock on to the next
             pass
-        if self.error is not None:
-            raise self.error
+        return self._outcome()
+
+    def add_waiter_locked(self) -> asyncio.Future[None]:
+        """A future of the running loop, woken by :meth:`finish` (call under the lock, while
+        the fill is registered)."""
+        future = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [future]
+        else:
+            self._waiters.append(future)
+        return future
+
+    async def wait_async(self, future: asyncio.Future[None]) -> Any:
+        """Await the fill through ``future`` (from :meth:`add_waiter_locked`). Cancelling the
+        waiter cancels only its own future: the load and the other waiters go on."""
+        await future
+        return self._outcome()
+
+    def _outcome(self) -> Any:
+        error = self.error
+        if error is not None:
+            if isinstance(error, asyncio.CancelledError):
+                # The leader's task was cancelled: its waiters' load is cancelled with it. A
+                # fresh exception per waiter (one instance raised in several tasks would chain
+                # their tracebacks together).
+                raise asyncio.CancelledError(*error.args or ("the load was cancelled",))
+            raise error
         return self.value
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    """Wake a waiter from any thread: directly on its own loop, else through the loop's
+    thread-safe queue. A waiter whose loop has closed has nobody left to wake."""
+    loop = future.get_loop()
+    if asyncio._get_running_loop() is loop:
+        if not future.done():
+            future.set_result(None)
+        return
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a cancelled waiter's future stays cancelled
+        future.set_result(None)
 
 
 class LocalState:

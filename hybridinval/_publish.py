@@ -41,6 +41,11 @@ class Publisher(Protocol):
         ``close()``)."""
         ...
 
+    def retry_later(self, keys: list[str], on_published: Done | None, error: BaseException) -> None:
+        """Take over keys whose send failed elsewhere (an asyncio send): retry them until the
+        backend takes them, as if :meth:`publish_committed` had failed."""
+        ...
+
     def pending(self) -> int:
         """Keys accepted but not yet sent."""
         ...
@@ -67,28 +72,33 @@ class RetryingPublisher:
         try:
             self._send(keys)
         except BackendUnavailableError as exc:
-            local = self._local
-            with local.lock:
-                local.stats["publish_failures"] += 1
-                local.flush_locked()
-            log.error(
-                "publishing %d invalidation(s) after commit failed; retrying in the background: %s",
-                len(keys),
-                exc,
-            )
-            with self._lock:
-                self._keys.update(keys)
-                if on_published is not None:
-                    self._done.append(on_published)
-                if self._thread is None:  # cleared, under this lock, only by a thread that ends
-                    self._thread = threading.Thread(
-                        target=self._run, name="hybridinval-retry", daemon=True
-                    )
-                    self._thread.start()
+            self.retry_later(keys, on_published, exc)
             return False
         if on_published is not None:
             _notify(on_published)
         return True
+
+    def retry_later(self, keys: list[str], on_published: Done | None, error: BaseException) -> None:
+        """Keys whose send failed (or may not have happened: a cancelled send): flush local L1,
+        log, and retry them in the background."""
+        local = self._local
+        with local.lock:
+            local.stats["publish_failures"] += 1
+            local.flush_locked()
+        log.error(
+            "publishing %d invalidation(s) after commit failed; retrying in the background: %s",
+            len(keys),
+            error if str(error) else type(error).__name__,
+        )
+        with self._lock:
+            self._keys.update(keys)
+            if on_published is not None:
+                self._done.append(on_published)
+            if self._thread is None:  # cleared, under this lock, only by a thread that ends
+                self._thread = threading.Thread(
+                    target=self._run, name="hybridinval-retry", daemon=True
+                )
+                self._thread.start()
 
     def pending(self) -> int:
         return len(self._keys) + self._in_flight
