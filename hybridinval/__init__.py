@@ -4,6 +4,7 @@ The public API is what this module exports; everything in a ``_module`` is priva
 Optional integrations live in :mod:`hybridinval.sqlalchemy` and :mod:`hybridinval.celery`.
 """
 
+from ._async import AsyncHybridCache
 from ._cache import CacheStats, HybridCache
 from ._config import CacheConfig
 from ._embedded import EmbeddedRedis
@@ -31,6 +32,7 @@ from .transports import BackplaneListener, RedisPubSubTransport, Transport
 __all__ = [
     "MAX_KEY_LENGTH",
     "AmbiguousCacheError",
+    "AsyncHybridCache",
     "BackendUnavailableError",
     "BackplaneListener",
     "CacheClosedError",

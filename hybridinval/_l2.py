@@ -151,6 +151,7 @@ class RedisL2:
         self.keyspace = namespace if isinstance(namespace, Keyspace) else Keyspace(namespace)
         self.version_ttl = version_ttl
         self.endpoint = redis_endpoint(client.connection_pool.connection_kwargs)
+        self.reconnects = 0
         self._data_prefix = self.keyspace.data_prefix
         self._version_prefix = self.keyspace.version_prefix
         self._version_ttl_ms = str(_ms(version_ttl))
@@ -269,6 +270,7 @@ class RedisL2:
         return f"{run_id}:{token!r}"
 
     def reconnect(self) -> None:
+        self.reconnects += 1  # the asyncio twin (hybridinval._l2_async) follows this count
         # Idle connections only: closing a socket under another thread's command makes redis-py
         # fail with errors that are not RedisErrors. A command in flight on a dead socket ends
         # with its socket timeout, as it would have anyway.

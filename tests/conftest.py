@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from support import RedisServer, TcpProxy, redis_ping, redis_server_binary
+from support.async_view import view_of
 
 from hybridinval import HybridCache
 
@@ -107,15 +108,29 @@ def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test marked both_apis runs against the blocking cache and against the asyncio one
+    # (support.async_view): the guarantees of the one are the other's.
+    if "api" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_apis"):
+        metafunc.parametrize("api", ["sync", "async"])
+
+
 @pytest.fixture
-def make_cache(redis_url: str, namespace: str) -> Iterator[Callable[..., HybridCache]]:
+def api() -> str:
+    """Which API the caches of ``make_cache`` present: "sync" unless the test is marked
+    ``both_apis`` (then it runs with each)."""
+    return "sync"
+
+
+@pytest.fixture
+def make_cache(redis_url: str, namespace: str, api: str) -> Iterator[Callable[..., HybridCache]]:
     """Subscribed caches on the shared Redis in this test's namespace (``url=`` and any
     ``from_url`` option override); all closed at the end of the test."""
     caches: list[HybridCache] = []
 
     def make(**options: Any) -> HybridCache:
         options.setdefault("namespace", namespace)
-        cache = HybridCache.from_url(options.pop("url", redis_url), **options)
+        cache = view_of(HybridCache.from_url(options.pop("url", redis_url), **options), api)
         caches.append(cache)
         assert cache.wait_until_subscribed(10), "subscriber did not connect"
         return cache

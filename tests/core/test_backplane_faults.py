@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from support import RedisServer, TcpProxy
+from support.async_view import view_of
 from support.inspect import entries
 from support.waiting import wait_until
 
@@ -23,12 +24,15 @@ from hybridinval.keyspace import Keyspace
 FAST = {"health_check_interval": 0.1, "health_check_timeout": 0.2, "socket_timeout": 0.3}
 
 
+pytestmark = pytest.mark.both_apis  # every fault, on the blocking and the asyncio paths
+
+
 @pytest.fixture
-def make_cache(namespace: str) -> Iterator[Callable[..., HybridCache]]:
+def make_cache(namespace: str, api: str) -> Iterator[Callable[..., HybridCache]]:
     caches: list[HybridCache] = []
 
     def make(url: str, **options: Any) -> HybridCache:
-        cache = HybridCache.from_url(url, namespace=namespace, **{**FAST, **options})
+        cache = view_of(HybridCache.from_url(url, namespace=namespace, **{**FAST, **options}), api)
         caches.append(cache)
         assert cache.wait_until_subscribed(10)
         # The first subscription reads L2's incarnation off the delivery thread; a gap that

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from redis.connection import AbstractConnection
-from support.inspect import entries
+from support.inspect import entries, wire_spy
 from support.waiting import wait_until
 
 import hybridinval
@@ -30,6 +29,8 @@ from hybridinval._message import encode_message
 from hybridinval.keyspace import Keyspace
 
 CacheFactory = Callable[..., HybridCache]
+
+pytestmark = pytest.mark.both_apis  # the blocking cache, and the asyncio one through AsyncView
 
 
 @pytest.fixture
@@ -123,18 +124,7 @@ def test_invalidating_1000_keys_is_one_round_trip(
     for key in keys[:50]:
         b.get_or_set(key, lambda: 1)
     a.get("warm-up")  # a's pooled connection exists (its handshake is not the invalidation's)
-    # Count what actually goes over the wire: every write of a packed command to a socket.
-    sent: list[bytes] = []
-    original = AbstractConnection.send_packed_command
-
-    caller = threading.get_ident()
-
-    def spy(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        if threading.get_ident() == caller:  # not the subscriber thread's PINGs
-            sent.append(b"".join(command) if isinstance(command, list) else bytes(command))
-        original(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", spy)
+    sent = wire_spy(monkeypatch)
     a.invalidate_many(keys)
     monkeypatch.undo()
     assert len(sent) == 1 and b"EVALSHA" in sent[0]
@@ -350,25 +340,20 @@ def test_a_value_set_between_the_miss_and_the_version_read_is_served_not_overwri
 
 
 def test_an_l2_hit_is_one_get_and_carries_its_version(
-    make_cache: CacheFactory, raw: redis.Redis, namespace: str
+    make_cache: CacheFactory, raw: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = make_cache(l1_enabled=False), make_cache()
     b.set("k", {"v": 1})
     version = raw.get(Keyspace(namespace).version("k"))
     assert version is not None and len(version) == 16
     assert raw.get(Keyspace(namespace).data("k")) == version + b'j{"v":1}'
-    commands: list[tuple[object, ...]] = []
-    real = a.l2._execute  # type: ignore[attr-defined]
-
-    def recording(*args: object) -> object:
-        commands.append(args[:1])
-        return real(*args)
-
-    a.l2._execute = recording  # type: ignore[attr-defined]
-    assert a.get("k") == {"v": 1} and commands == [("GET",)]
-    assert a.get("absent") is None and commands == [("GET",)] * 2  # a plain miss: one GET
+    a.get("warm-up")  # a's pooled connection exists
+    sent = wire_spy(monkeypatch)
+    commands = lambda: [command.split(b"\r\n")[2] for command in sent]  # noqa: E731
+    assert a.get("k") == {"v": 1} and commands() == [b"GET"]
+    assert a.get("absent") is None and commands() == [b"GET"] * 2  # a plain miss: one GET
     assert a.get_or_set("absent", lambda: 2) == 2
-    assert commands[2:4] == [("GET",), ("MGET",)]  # a miss that loads reads the version too
+    assert commands()[2:4] == [b"GET", b"MGET"]  # a miss that loads reads the version too
 
 
 def test_long_fill_skips_l2_rather_than_trust_an_expired_version(
