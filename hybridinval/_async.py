@@ -25,7 +25,7 @@ import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, overload
 
 from . import _hitpath
 from ._cache import LOAD, HybridCache
@@ -212,14 +212,34 @@ class AsyncHybridCache:
         entry[2] = 1
         return entry[0]
 
+    @overload
     async def get_or_set(
         self,
         key: str,
-        loader: Loader[T],
+        loader: Callable[[], Awaitable[T]],
         ttl: float | None = None,
         *,
         l1_ttl: float | None = None,
-    ) -> T:
+    ) -> T: ...
+
+    @overload
+    async def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        ttl: float | None = None,
+        *,
+        l1_ttl: float | None = None,
+    ) -> T: ...
+
+    async def get_or_set(
+        self,
+        key: str,
+        loader: Loader[Any],
+        ttl: float | None = None,
+        *,
+        l1_ttl: float | None = None,
+    ) -> Any:
         """The value for ``key``; on a miss in both levels, ``loader()`` runs once per process
         (coroutines, threads and other event loops that ask meanwhile wait for it) and its value
         is stored in L2 and L1. ``loader`` may be an async callable or a plain one (a plain one
@@ -232,12 +252,11 @@ class AsyncHybridCache:
         try:
             entry = self._entries[key]
             if _monotonic() >= self._lease.until:
-                return await self._read(key, loader, ttl, l1_ttl, None)  # type: ignore[no-any-return]
+                return await self._read(key, loader, ttl, l1_ttl, None)
         except (KeyError, TypeError):
-            return await self._read(key, loader, ttl, l1_ttl, None)  # type: ignore[no-any-return]
+            return await self._read(key, loader, ttl, l1_ttl, None)
         entry[2] = 1
-        value: T = entry[0]
-        return value
+        return entry[0]
 
     def get_local(self, key: str, default: Any = None) -> Any:
         """The value for ``key`` if this process's L1 holds it, else ``default``. No I/O and no
