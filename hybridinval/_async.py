@@ -40,7 +40,7 @@ from .errors import BackendUnavailableError
 from .serializers import Serializer
 from .transports import Transport
 
-__all__ = ["AsyncHybridCache"]
+__all__ = ["AnyCache", "AsyncHybridCache"]
 
 T = TypeVar("T")
 
@@ -96,10 +96,20 @@ class AsyncHybridCache:
         self._wrap(HybridCache.from_url(url, config=config, **options), None)
         return self
 
+    @classmethod
+    def wrap(cls, cache: HybridCache) -> Self:
+        """The asyncio face of an existing :class:`~hybridinval.HybridCache`: the two share L1,
+        in-flight fills and the subscriber (for a process with blocking and asyncio code alike).
+        Closing either closes both."""
+        self = cls.__new__(cls)
+        self._wrap(cache, None)
+        return self
+
     def _wrap(self, sync: HybridCache, async_l2: AsyncL2Store | None) -> None:
         self.sync = sync
         self.config = sync.config
         self.namespace = sync.namespace
+        self.max_key_length = sync.max_key_length
         self.l1 = sync.l1
         if async_l2 is None:
             async_l2 = (
@@ -523,6 +533,9 @@ def _miss(key: Any, *args: Any, **kwargs: Any) -> Any:
     """The C hit path's answer to anything it cannot answer itself."""
     return MISSING
 
+
+AnyCache = HybridCache | AsyncHybridCache
+"""Either cache: what the integrations accept."""
 
 _live_caches: weakref.WeakSet[AsyncHybridCache] = weakref.WeakSet()
 

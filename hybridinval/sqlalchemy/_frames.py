@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import SessionTransaction
 
-    from .._cache import HybridCache
+    from .._async import AnyCache
     from ._install import Installation
     from ._keyselect import _Watch
     from ._publish import OutboxRow
@@ -85,7 +85,7 @@ class _UnitOfWork:
         # Set when a connection of the current root transaction was lost: if that happened
         # during COMMIT, the transaction may have committed although commit() raised.
         self.outcome_unknown = False
-        self.caches: tuple[HybridCache, ...] = ()
+        self.caches: tuple[AnyCache, ...] = ()
         self.primary: Installation | None = None
         # The installations that keep an outbox; for the root commit under way (before_commit
         # until it ends), the connection its rows go on and the rows written there.

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
+from .._async import AsyncHybridCache
 from ..errors import OutboxError
 from ._bulk import _on_after_execute, _on_before_execute
 from ._frames import _real_parent, _UnitOfWork, _uow_for
@@ -28,7 +29,7 @@ from ._snapshot import _isolation_level
 if TYPE_CHECKING:
     from sqlalchemy.orm import SessionTransaction
 
-    from .._cache import HybridCache
+    from .._async import AnyCache
 
 log = logging.getLogger("hybridinval.sqlalchemy")
 
@@ -43,12 +44,15 @@ class Installation:
     def __init__(
         self,
         session_class: type[Session],
-        cache: HybridCache,
+        cache: AnyCache,
         outbox: Outbox | None = None,
         relay_engine: Engine | None = None,
     ) -> None:
         self.session_class = session_class
         self.cache = cache
+        # Relays publish from their own threads: through the blocking face of an asyncio cache.
+        relay_cache = cache.sync if isinstance(cache, AsyncHybridCache) else cache
+        self._relay_cache = relay_cache
         self.outbox = outbox
         # With an outbox: the relay that republishes rows left behind (unless the outbox says
         # relay=False; started by install()), and one relay per database rows were written to,
@@ -59,7 +63,7 @@ class Installation:
             self.relay = OutboxRelay(
                 relay_engine,
                 outbox.resolved_table,
-                cache,
+                relay_cache,
                 grace=outbox.grace,
                 interval=outbox.interval,
                 batch=outbox.batch,
@@ -146,7 +150,7 @@ class Installation:
                 relay = self._relays[key] = OutboxRelay(
                     conn.engine,
                     self.outbox.resolved_table,
-                    self.cache,
+                    self._relay_cache,
                     grace=self.outbox.grace,
                     interval=self.outbox.interval,
                     batch=self.outbox.batch,
@@ -290,11 +294,13 @@ class Installation:
                     conn, keys, callbacks if i == 0 else [], uow.caches, self, uow.outboxes
                 )
             return
-        if keys:
-            self._stats["commits_published"] += 1
-            self._stats["keys_published"] += len(keys)
-            _invalidate_committed(uow.caches, keys, rows)
-        _run_callbacks(callbacks, self)
+        try:
+            if keys:
+                self._stats["commits_published"] += 1
+                self._stats["keys_published"] += len(keys)
+                _invalidate_committed(uow.caches, keys, rows)
+        finally:  # a cancelled AsyncSession task: the commit stands, so its callbacks run
+            _run_callbacks(callbacks, self)
 
 
 def _watch_connection(connection: Connection, uow: _UnitOfWork) -> None:
@@ -346,8 +352,10 @@ def _on_connection_commit(conn: Connection) -> None:
 _uow_by_connection_data = registry.uow_by_connection_data
 
 
-def install(target: Any, cache: HybridCache, *, outbox: bool | Outbox = False) -> Installation:
-    """Publish the keys of every committed transaction of ``target``'s sessions to ``cache``.
+def install(target: Any, cache: AnyCache, *, outbox: bool | Outbox = False) -> Installation:
+    """Publish the keys of every committed transaction of ``target``'s sessions to ``cache``
+    (a :class:`~hybridinval.HybridCache` or an :class:`~hybridinval.AsyncHybridCache`: an
+    AsyncSession's commit then awaits the publish, and its event loop runs on meanwhile).
 
     ``target``: a ``sessionmaker``, ``scoped_session``, ``Session`` subclass (or ``Session``
     itself, for every session in the process), ``async_sessionmaker``/``async_scoped_session``

@@ -18,7 +18,7 @@ from ._registry import registry
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from .._cache import HybridCache
+    from .._async import AnyCache
     from ._install import Installation
 
 log = logging.getLogger("hybridinval.sqlalchemy")
@@ -33,7 +33,7 @@ class _OuterPending:
         self.installation = installation
         self.keys: dict[str, None] = {}
         self.callbacks: list[Callable[[], object]] = []
-        self.caches: dict[int, HybridCache] = {}
+        self.caches: dict[int, AnyCache] = {}
         self.outboxes: dict[int, Installation] = {}
 
 
@@ -41,7 +41,7 @@ def _defer_to_outer(
     conn: Connection,
     keys: list[str],
     callbacks: list[Callable[[], object]],
-    caches: Iterable[HybridCache],
+    caches: Iterable[AnyCache],
     installation: Installation,
     outboxes: Iterable[Installation] = (),
 ) -> None:
@@ -104,8 +104,10 @@ def _on_outer_commit(conn: Connection) -> None:
             raise
         vars(proxy).pop("commit", None)
         entry.installation._stats["outer_publishes"] += 1
-        if entry.keys:
-            _invalidate_committed(list(entry.caches.values()), list(entry.keys), rows)
-        _run_callbacks(entry.callbacks, entry.installation)
+        try:
+            if entry.keys:
+                _invalidate_committed(list(entry.caches.values()), list(entry.keys), rows)
+        finally:  # a cancelled AsyncSession task: the commit stands, so its callbacks run
+            _run_callbacks(entry.callbacks, entry.installation)
 
     proxy.commit = commit_then_publish  # type: ignore[method-assign]

@@ -5,17 +5,21 @@ data is committed whatever happens here."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from sqlalchemy.util.concurrency import await_only, in_greenlet
+
+from .._async import AsyncHybridCache
 from ._outbox import write_rows
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from .._cache import HybridCache
+    from .._async import AnyCache
     from ._install import Installation
     from ._relay import OutboxRelay
 
@@ -47,22 +51,33 @@ def _write_outbox(
 
 
 def _invalidate_committed(
-    caches: Iterable[HybridCache], keys: list[str], rows: Sequence[OutboxRow] = ()
+    caches: Iterable[AnyCache], keys: list[str], rows: Sequence[OutboxRow] = ()
 ) -> None:
-    """Publish after a commit. Never raises: the data is committed whatever Redis says.
+    """Publish after a commit. Never raises a failure: the data is committed whatever Redis
+    says. (An AsyncSession's task cancelled during the publish raises ``CancelledError`` once
+    every cache has the keys, sent or queued for its retry.)
 
     A cache that has an outbox row for these keys has it deleted once Redis took them."""
     done = {id(row.installation.cache): row for row in rows if row.relay is not None}
+    cancelled: BaseException | None = None
     for cache in caches:
         row = done.get(id(cache))
+        on_published = (
+            None
+            if row is None or row.relay is None
+            else functools.partial(row.relay.published, row.row_id)
+        )
         try:
-            if row is None:
-                cache.invalidate_committed(keys)
+            if not isinstance(cache, AsyncHybridCache):
+                cache.invalidate_committed(keys, on_published=on_published)
+            elif in_greenlet():
+                # An AsyncSession's events run in a greenlet on its event loop: await the
+                # publish there, so the loop serves other tasks meanwhile.
+                await_only(cache.invalidate_committed(keys, on_published=on_published))
             else:
-                assert row.relay is not None
-                cache.invalidate_committed(
-                    keys, on_published=functools.partial(row.relay.published, row.row_id)
-                )
+                cache.sync.invalidate_committed(keys, on_published=on_published)
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # the keys are with the cache's retry; the other caches still go
         except Exception:
             # invalidate_committed() handles Redis failures itself; this is the last line for
             # anything else (a closed cache, a bug). Flushing L1 at least keeps this process
@@ -72,6 +87,8 @@ def _invalidate_committed(
                 cache.clear_local()
             except Exception:
                 log.exception("flushing the local cache after a failed publish failed")
+    if cancelled is not None:
+        raise cancelled
 
 
 def _run_callbacks(callbacks: list[Callable[[], object]], installation: Installation) -> None:

@@ -13,6 +13,8 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.state import InstanceState
 
+from .._async import AsyncHybridCache
+from .._cache import HybridCache
 from ..errors import AmbiguousCacheError, SessionNotInstalledError
 from ._frames import _sync_session, _uow_for
 from ._registry import registry
@@ -20,7 +22,7 @@ from ._snapshot import _snapshot_is_fresh
 from ._templates import _MISSING, _fields, _specs_for
 
 if TYPE_CHECKING:
-    from .._cache import HybridCache
+    from .._async import AnyCache
 
 T = TypeVar("T")
 
@@ -29,7 +31,7 @@ T = TypeVar("T")
 _outer_pending_data = registry.outer_pending_data
 
 
-def cached(session: Any, cache: HybridCache | None = None) -> SessionCache:
+def cached(session: Any, cache: AnyCache | None = None) -> SessionCache:
     """The cache as seen from ``session``: ``cached(session).get_or_set(key, loader)``.
 
     ``session`` is a ``Session`` or ``AsyncSession`` whose class is installed (else
@@ -53,9 +55,9 @@ class SessionCache:
     session's class must be installed (so its flushed changes are known).
     """
 
-    __slots__ = ("_is_clean", "cache", "session", "uow")
+    __slots__ = ("_async", "_is_clean", "cache", "session", "uow")
 
-    def __init__(self, cache: HybridCache | None, session: Any) -> None:
+    def __init__(self, cache: AnyCache | None, session: Any) -> None:
         self.session = _sync_session(session)
         uow = _uow_for(self.session)
         if uow is None:
@@ -69,7 +71,14 @@ class SessionCache:
             if len(caches) != 1:
                 raise _ambiguous_cache(caches)
             cache = caches[0]
-        self.cache = cache
+        # The blocking methods read through the blocking face of an asyncio cache (a sync
+        # Session, say in a Celery task); aget/aget_or_set await the asyncio one.
+        if isinstance(cache, AsyncHybridCache):
+            self._async: AsyncHybridCache | None = cache
+            self.cache: HybridCache = cache.sync
+        else:
+            self._async = None
+            self.cache = cache
         self.uow = uow
         session = self.session
         # SQLAlchemy's own cleanliness check (private, but long-standing), bound once: it runs
@@ -106,25 +115,43 @@ class SessionCache:
             return loader()
         return self.cache.get_or_set(key, loader, ttl)
 
+    async def aget(self, key: str, default: Any = None) -> Any:
+        """``get`` for asyncio code: awaited through an :class:`~hybridinval.AsyncHybridCache`;
+        with a blocking cache, an L1 miss reads L2 in a worker thread."""
+        uow = self.uow
+        if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
+            self._count_bypass()
+            return default
+        if self._async is not None:
+            return await self._async.get(key, default)
+        hit = self.cache.get_local(key, _NOT_CACHED)
+        if hit is not _NOT_CACHED:
+            return hit
+        return await asyncio.to_thread(self.cache.get, key, default)
+
     async def aget_or_set(
         self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None
     ) -> T:
         """``get_or_set`` for an async loader (an AsyncSession query).
 
-        An L1 hit is answered on the event loop. A miss runs the core's read path in a worker
-        thread (its Redis I/O is blocking), which schedules ``loader()`` back on this loop and
-        waits for it, so the fill guard and the L2 compare-and-set work as for sync loaders.
+        Through an :class:`~hybridinval.AsyncHybridCache` the read path is awaited on this loop.
+        With a blocking cache, an L1 hit is answered on the loop and a miss runs the read path
+        in a worker thread, which schedules ``loader()`` back on this loop and waits for it;
+        the fill guard and the L2 compare-and-set work alike either way.
         """
         uow = self.uow
         if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
             self._count_bypass()
             return await loader()
-        hit = self.cache.get_local(key, _NOT_CACHED)
+        # The asyncio cache's get_local never waits on the loop (an unprovable lease misses).
+        hit = (self._async or self.cache).get_local(key, _NOT_CACHED)
         if hit is not _NOT_CACHED:
             return hit  # type: ignore[no-any-return]
         if not _snapshot_is_fresh(self.uow.connections):
             self._count_bypass()
             return await loader()
+        if self._async is not None:
+            return await self._async.get_or_set(key, loader, ttl)
         loop = asyncio.get_running_loop()
 
         def run_loader() -> T:
@@ -157,7 +184,7 @@ class SessionCache:
 _NOT_CACHED: Any = object()
 
 
-def _ambiguous_cache(caches: tuple[HybridCache, ...]) -> AmbiguousCacheError:
+def _ambiguous_cache(caches: tuple[AnyCache, ...]) -> AmbiguousCacheError:
     """The error for ``cached(session)`` when the installations covering the session publish to
     more than one cache (``caches``, as in its unit of work)."""
     namespaces = ", ".join(repr(c.namespace) for c in caches)

@@ -1,5 +1,7 @@
 """AsyncSession (guarantee set as for Session): its events run on the sync session underneath,
-so the same frames, root-commit rule and bypasses apply. aiosqlite and psycopg 3 async.
+so the same frames, root-commit rule and bypasses apply. aiosqlite and psycopg 3 async; each
+test with a blocking HybridCache installed and with an AsyncHybridCache (whose publish the
+commit awaits, in the greenlet SQLAlchemy runs the sync session's events in).
 
 Plain ``asyncio.run`` in sync tests: no pytest plugin needed.
 """
@@ -21,9 +23,11 @@ from sqlalchemy.ext.asyncio import (
 from support.inspect import entries
 from support.sa_models import DbSpec, TrackedSession, User
 from support.sa_spy import Publishes
+from support.waiting import wait_until
 
-from hybridinval import HybridCache
-from hybridinval.sqlalchemy import cached, install, invalidate_on_commit
+from hybridinval import AsyncHybridCache, HybridCache
+from hybridinval._async import AnyCache
+from hybridinval.sqlalchemy import cached, install, invalidate_on_commit, on_commit
 
 pytest_plugins = ["support.sa_fixtures"]  # db, engine, cache, Sessions, publishes
 
@@ -47,11 +51,23 @@ class AsyncTracked(TrackedSession):
     pass
 
 
+@pytest.fixture(params=["HybridCache", "AsyncHybridCache"])
+def installed_cache(request: pytest.FixtureRequest, cache: HybridCache) -> AnyCache:
+    """What the factory is installed with: ``cache`` itself, or its asyncio face (same core, so
+    the tests look inside either through ``cache``)."""
+    return cache if request.param == "HybridCache" else AsyncHybridCache.wrap(cache)
+
+
 @pytest.fixture
-def factory(db: DbSpec, cache: HybridCache) -> Iterator[async_sessionmaker[AsyncSession]]:
+def publishes(installed_cache: AnyCache) -> Publishes:
+    return Publishes(installed_cache)
+
+
+@pytest.fixture
+def factory(db: DbSpec, installed_cache: AnyCache) -> Iterator[async_sessionmaker[AsyncSession]]:
     engine = async_engine(db)
     factory = async_sessionmaker(engine, sync_session_class=AsyncTracked, expire_on_commit=False)
-    installation = install(factory, cache)
+    installation = install(factory, installed_cache)
 
     async def seed() -> None:
         async with factory.begin() as s:
@@ -182,3 +198,125 @@ def test_install_resolves_async_factories(db: DbSpec, cache: HybridCache) -> Non
     assert installation.session_class is AsyncTracked
     installation.uninstall()
     asyncio.run(engine.dispose())
+
+
+# -- with an AsyncHybridCache: the publish is awaited ------------------------------------------
+
+
+class SlowPublish:
+    """Holds the asyncio cache's L2 invalidation until ``release`` is set (on the loop)."""
+
+    def __init__(self, cache: AsyncHybridCache) -> None:
+        self.real = cache.l2
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.awaited = 0
+        cache.l2 = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def invalidate_many(self, *args: Any) -> None:
+        self.awaited += 1
+        self.started.set()
+        await self.release.wait()
+        await self.real.invalidate_many(*args)
+
+
+@pytest.mark.parametrize("installed_cache", ["AsyncHybridCache"], indirect=True)
+def test_an_async_commit_awaits_its_publish_and_the_loop_runs_on(
+    factory: async_sessionmaker[AsyncSession], installed_cache: AsyncHybridCache, cache: HybridCache
+) -> None:
+    """While the publish after COMMIT is pending, the other tasks of the loop run (here one of
+    them is what lets the publish finish): with a blocking publish this would deadlock."""
+    cache.get_or_set("user:1", lambda: "old")
+
+    async def work() -> None:
+        slow = SlowPublish(installed_cache)
+
+        async def commit() -> None:
+            async with factory.begin() as s:
+                (await s.get(User, 1)).name = "new"
+
+        committing = asyncio.create_task(commit())
+        await asyncio.wait_for(slow.started.wait(), 10)
+        assert not committing.done()
+        assert "user:1" in entries(cache)  # not evicted before the publish went out
+        slow.release.set()
+        await asyncio.wait_for(committing, 10)
+        assert slow.awaited == 1
+        assert "user:1" not in entries(cache)  # read your writes once commit() returned
+
+    asyncio.run(work())
+
+
+@pytest.mark.parametrize("installed_cache", ["AsyncHybridCache"], indirect=True)
+def test_a_task_cancelled_during_the_publish_still_invalidates_and_runs_callbacks(
+    factory: async_sessionmaker[AsyncSession],
+    installed_cache: AsyncHybridCache,
+    cache: HybridCache,
+    make_cache: Any,
+) -> None:
+    other = make_cache()
+    other.get_or_set("user:1", lambda: "old")
+    ran: list[str] = []
+
+    async def work() -> None:
+        slow = SlowPublish(installed_cache)
+
+        async def commit() -> None:
+            async with factory() as s:
+                (await s.get(User, 1)).name = "cancelled-but-committed"
+                on_commit(s, lambda: ran.append("callback"))
+                await s.commit()
+
+        committing = asyncio.create_task(commit())
+        await asyncio.wait_for(slow.started.wait(), 10)
+        committing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await committing
+        async with factory() as s:
+            assert (await s.get(User, 1)).name == "cancelled-but-committed"
+
+    asyncio.run(work())
+    assert ran == ["callback"]
+    # The retry (the blocking store, on its own thread) delivers the invalidation.
+    wait_until(lambda: "user:1" not in entries(other), what="the retried invalidation")
+    assert cache.stats()["publish_failures"] == 1
+
+
+@pytest.mark.parametrize("installed_cache", ["AsyncHybridCache"], indirect=True)
+def test_aget_reads_through_the_asyncio_cache_and_bypasses_pending_keys(
+    factory: async_sessionmaker[AsyncSession], installed_cache: AsyncHybridCache, cache: HybridCache
+) -> None:
+    async def work() -> tuple[Any, ...]:
+        await installed_cache.set("user:1", "cached-1")
+        await installed_cache.set("user:2", "cached-2")
+        async with factory() as s:
+            (await s.get(User, 1)).name = "mine"
+            scoped = cached(s)
+            result = (await scoped.aget("user:1", "pending"), await scoped.aget("user:2"))
+            await s.rollback()
+            return result
+
+    assert asyncio.run(work()) == ("pending", "cached-2")
+
+
+def test_a_blocking_session_may_use_an_asyncio_cache(engine: Any, cache: HybridCache) -> None:
+    """A sync Session (a Celery task, a script) installed with the asyncio cache publishes
+    through its blocking face, with no event loop anywhere."""
+    from sqlalchemy.orm import sessionmaker
+
+    async_cache = AsyncHybridCache.wrap(cache)
+    recorded = Publishes(cache)  # the blocking face publishes: no loop to await on
+    factory = sessionmaker(engine, class_=AsyncTracked)
+    installation = install(factory, async_cache)
+    try:
+        with factory.begin() as s:
+            s.add(User(id=9, email="u9@x", name="sync"))
+        with factory() as s:
+            assert cached(s, async_cache).get_or_set("user:9", lambda: "loaded") == "loaded"
+    finally:
+        installation.uninstall()
+    assert recorded.calls == [["user:9", "user_by_email:u9@x"]]
+    assert "user:9" in entries(cache)

@@ -148,6 +148,4 @@ def view_of(cache: Any, api: str) -> Any:
     if api == "sync":
         return cache
     assert api == "async", api
-    async_cache = AsyncHybridCache.__new__(AsyncHybridCache)
-    async_cache._wrap(cache, None)
-    return AsyncView(async_cache)
+    return AsyncView(AsyncHybridCache.wrap(cache))

@@ -5,25 +5,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hybridinval import HybridCache
+from hybridinval import AsyncHybridCache, HybridCache
 
 
 class Publishes:
-    """Records every ``invalidate_committed`` call of one cache, then lets it through."""
+    """Records every ``invalidate_committed`` call of one cache (either kind), then lets it
+    through."""
 
-    def __init__(self, cache: HybridCache) -> None:
+    def __init__(self, cache: HybridCache | AsyncHybridCache) -> None:
         self.calls: list[list[str]] = []
         self.before_each: list[Callable[[], None]] = []  # run at publish time, first
-        original = cache.invalidate_committed
+        original: Any = cache.invalidate_committed
 
-        def spy(keys: Any, **options: Any) -> bool:
+        def record(keys: Any) -> list[str]:
             batch = list(keys)
             for hook in self.before_each:
                 hook()
             self.calls.append(batch)
-            return original(batch, **options)
+            return batch
 
-        cache.invalidate_committed = spy  # type: ignore[method-assign]
+        def spy(keys: Any, **options: Any) -> bool:
+            return original(record(keys), **options)
+
+        async def async_spy(keys: Any, **options: Any) -> bool:
+            return await original(record(keys), **options)
+
+        is_async = isinstance(cache, AsyncHybridCache)
+        cache.invalidate_committed = async_spy if is_async else spy  # type: ignore[method-assign]
 
     @property
     def keys(self) -> set[str]:
