@@ -1,13 +1,15 @@
 """Run every benchmark and write benchmarks/results/ (results.md, results.json, *.png).
 
-Four parts, in this order:
+Five parts, in this order:
 
 1. core: hybridinval's hot paths against raw baselines (:mod:`benchmarks.core`);
 2. micro: the same hot paths for every contender, side by side (:mod:`benchmarks.micro`);
 3. workload: staleness and throughput under load with faults, one contender at a time, the
    contenders taken round robin ``--repeats`` times (:mod:`benchmarks.workload`);
 4. commit: ``Session.commit()`` on PostgreSQL without the library, installed, and installed
-   with the outbox, rotated in one run (:mod:`benchmarks.commit_overhead`).
+   with the outbox, rotated in one run (:mod:`benchmarks.commit_overhead`);
+5. asyncio: ``AsyncHybridCache``'s hot paths against a bare coroutine, cashews and
+   ``redis.asyncio``, and eviction behind a busy event loop (:mod:`benchmarks.asyncio_paths`).
 
 Redis: ``--redis-url``, else $HYBRIDINVAL_REDIS_URL, else 127.0.0.1:6379, else an embedded one.
 PostgreSQL: ``--postgres-url``, else $HYBRIDINVAL_POSTGRES_URL, else the local test database;
@@ -42,7 +44,7 @@ from . import core
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-PARTS = ("core", "micro", "workload", "commit")
+PARTS = ("core", "micro", "workload", "commit", "asyncio")
 PARTIAL = "partial"  # the subfolder of --out that a partial run writes to
 
 
@@ -98,9 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-url")
     parser.add_argument("--postgres-url")
-    parser.add_argument(
-        "--skip", default="", help="comma list of parts: core,micro,workload,commit"
-    )
+    parser.add_argument("--skip", default="", help="comma list of parts: " + ",".join(PARTS))
     parser.add_argument(
         "--contenders",
         default=",".join(cmod.CONTENDERS),
@@ -266,6 +266,12 @@ def _run_parts(
 
             progress("commit: Session.commit() plain / installed / with the outbox")
             results["commit"] = commit_overhead.measure(pg_url, url, rounds=150 if quick else 600)
+    if "asyncio" not in skip:
+        from . import asyncio_paths
+
+        results["asyncio"] = asyncio_paths.measure(
+            url, progress=lambda s: progress(f"  {s}"), quick=quick
+        )
 
 
 def _cashews_probe(
@@ -421,10 +427,33 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             prop["p50_ratio_to_raw"] <= 1.5,
         )
         add("propagation p99 < 2 ms", f"{ours['p99_us']} µs", ours["p99_us"] < 2000)
+    a = results.get("asyncio")
+    if a:
+        l1, l2 = a["l1_hit"], a["l2_hit"]
+        add(
+            "asyncio: await get, L1 hit <= 2x a bare async def",
+            f"{l1['ratio_to_bare_coroutine']}x",
+            l1["ratio_to_bare_coroutine"] <= 2,
+        )
+        add(
+            "asyncio: await get, L1 hit <= 0.15x cashews' client-side hit",
+            f"{l1['ratio_to_cashews']}x",
+            l1["ratio_to_cashews"] <= 0.15,
+        )
+        add(
+            "asyncio: get_local as fast as the blocking L1 hit (<= 1.1x)",
+            f"{l1['get_local_ratio_to_sync_get']}x",
+            l1["get_local_ratio_to_sync_get"] <= 1.1,
+        )
+        add(
+            "asyncio: L2 hit <= 1.2x redis.asyncio GET",
+            f"{l2['ratio_to_raw_get']}x",
+            l2["ratio_to_raw_get"] <= 1.2,
+        )
     work = results.get("workload", {}).get("contenders", {})
     base = work.get("redis_only", {}).get("reads_per_s")
     hand = work.get("hand_rolled", {}).get("reads_per_s")
-    for name in ("hybridinval", "hybridinval_core"):
+    for name in ("hybridinval", "hybridinval_core", "hybridinval_async"):
         w = work.get(name)
         if not w or "error" in w:
             continue

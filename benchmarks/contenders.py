@@ -342,6 +342,61 @@ class Hybridinval(Contender):
         self.cache.close()
 
 
+class HybridinvalAsync(Hybridinval):
+    """hybridinval for asyncio code: ``AsyncHybridCache.from_url``, awaited reads
+    (``await cached(session).aget_or_set`` with the integration, ``await cache.get_or_set``
+    without), the same commit hooks."""
+
+    name = "hybridinval_async"
+    label = "hybridinval (AsyncHybridCache)"
+    is_async = True
+
+    def __init__(self, env: Env, *, use_sqlalchemy: bool | None = None) -> None:
+        from hybridinval import AsyncHybridCache
+
+        Contender.__init__(self, env)
+        self.acache = AsyncHybridCache.from_url(
+            env.redis_url, namespace=env.prefix, l1_ttl=env.l1_ttl, **env.hybridinval
+        )
+        self.cache = self.acache.sync  # notes() reads the shared counters
+        self.use_sqlalchemy = (
+            sqlalchemy_integration_available() if use_sqlalchemy is None else use_sqlalchemy
+        )
+        self._installed = False
+
+    def install(self, session_factory: Any, model: type) -> None:
+        if not self.use_sqlalchemy:
+            return
+        from hybridinval.sqlalchemy import install, track
+
+        track(model, keys=["item:{id}"])
+        install(session_factory, self.acache)
+        self._installed = True
+
+    async def ainit(self) -> None:
+        pass
+
+    def ready(self, timeout: float) -> bool:
+        raise RuntimeError("use aready()")
+
+    async def aready(self, timeout: float) -> bool:
+        return await self.acache.wait_until_subscribed(timeout)
+
+    def areader(self, session: Any) -> AReadFn:
+        if self._installed:
+            from hybridinval.sqlalchemy import cached
+
+            return cached(session, self.acache).aget_or_set
+        return self.acache.get_or_set
+
+    async def aafter_commit(self, keys: Sequence[str]) -> None:
+        if not self._installed:
+            await self.acache.invalidate_committed(keys)
+
+    async def aclose(self) -> None:
+        await self.acache.aclose()
+
+
 def _ms(seconds: float | None) -> str:
     return "off" if seconds is None else f"{seconds * 1000:g} ms"
 
@@ -548,6 +603,7 @@ CONTENDERS: dict[str, type[Contender]] = {
     for c in (
         Hybridinval,
         HybridinvalCore,
+        HybridinvalAsync,
         HandRolled,
         RedisOnly,
         DatabaseOnly,

@@ -233,6 +233,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"{rows['deleted']:,}, republished by a relay {rows['republished']:,}.",
             "",
         ]
+    asyncio_results = results.get("asyncio")
+    if asyncio_results:
+        from .asyncio_paths import markdown as asyncio_markdown
+
+        busy = asyncio_results["busy_loop"]
+        out += [
+            "### asyncio paths",
+            "",
+            "`AsyncHybridCache` in one event loop, every statement timed in turn each round "
+            "(medians). Eviction: another process invalidates a key while this loop awaits "
+            f"(idle) or spins in a CPU-bound handler that never yields (busy), {busy['windows']} "
+            "times each; from the sender's call to the subscriber thread's eviction.",
+            "",
+            asyncio_markdown(asyncio_results),
+        ]
     targets = results.get("targets")
     if targets:
         out += ["### hybridinval targets", "", "| target | measured | met |", "|---|---|---|"]

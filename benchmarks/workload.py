@@ -286,6 +286,7 @@ async def _async_child(spec: _Spec, conn: Connection) -> None:
     contender: Any = cmod.CONTENDERS[spec.contender](_env(spec))
     loop = asyncio.get_running_loop()
     try:
+        contender.install(factory, model)
         await contender.ainit()
         if not await contender.aready(spec.config.startup_timeout):
             raise RuntimeError(f"{spec.contender}: not ready after {spec.config.startup_timeout}s")

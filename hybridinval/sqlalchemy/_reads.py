@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from inspect import isawaitable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
@@ -129,10 +130,19 @@ class SessionCache:
             return hit
         return await asyncio.to_thread(self.cache.get, key, default)
 
+    @overload
     async def aget_or_set(
         self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None
-    ) -> T:
-        """``get_or_set`` for an async loader (an AsyncSession query).
+    ) -> T: ...
+
+    @overload
+    async def aget_or_set(
+        self, key: str, loader: Callable[[], T], ttl: float | None = None
+    ) -> T: ...
+
+    async def aget_or_set(self, key: str, loader: Any, ttl: float | None = None) -> Any:
+        """``get_or_set`` for asyncio code; ``loader`` is an async callable (an AsyncSession
+        query) or a plain one.
 
         Through an :class:`~hybridinval.AsyncHybridCache` the read path is awaited on this loop.
         With a blocking cache, an L1 hit is answered on the loop and a miss runs the read path
@@ -142,19 +152,19 @@ class SessionCache:
         uow = self.uow
         if (uow.frames or _outer_pending_data or not self._is_clean()) and self.is_pending(key):
             self._count_bypass()
-            return await loader()
+            return await _await(loader)
         # The asyncio cache's get_local never waits on the loop (an unprovable lease misses).
         hit = (self._async or self.cache).get_local(key, _NOT_CACHED)
         if hit is not _NOT_CACHED:
-            return hit  # type: ignore[no-any-return]
+            return hit
         if not _snapshot_is_fresh(self.uow.connections):
             self._count_bypass()
-            return await loader()
+            return await _await(loader)
         if self._async is not None:
             return await self._async.get_or_set(key, loader, ttl)
         loop = asyncio.get_running_loop()
 
-        def run_loader() -> T:
+        def run_loader() -> Any:
             return asyncio.run_coroutine_threadsafe(_await(loader), loop).result()
 
         return await asyncio.to_thread(self.cache.get_or_set, key, run_loader, ttl)
@@ -205,8 +215,11 @@ def _session_is_clean(session: Session) -> bool:
         return not (session.new or session.dirty or session.deleted)
 
 
-async def _await(loader: Callable[[], Awaitable[T]]) -> T:
-    return await loader()
+async def _await(loader: Callable[[], Awaitable[T]] | Callable[[], T]) -> T:
+    value = loader()
+    if isawaitable(value):
+        return await value
+    return value
 
 
 def _unflushed_keys(session: Session) -> tuple[set[str], list[re.Pattern[str]]]:

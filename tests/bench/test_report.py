@@ -99,7 +99,7 @@ def test_a_run_without_postgresql_writes_beside_the_committed_results(
     out: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
-    argv = ["--skip", "core,micro", "--contenders", "hybridinval", "--out", str(out)]
+    argv = ["--skip", "core,micro,asyncio", "--contenders", "hybridinval", "--out", str(out)]
     assert bench.main([*argv, "--redis-url", redis_url, "--postgres-url", closed]) == 0
     printed = capsys.readouterr().out
     assert f"workload skipped: PostgreSQL unavailable at {closed}" in printed
