@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Self, TypeVar, overload
 
@@ -33,7 +31,7 @@ from ._config import CacheConfig
 from ._l1 import L1Store, MemoryL1
 from ._l2 import L2Store, RedisL2
 from ._l2_async import AsyncL2Store, AsyncRedisL2, ThreadedL2
-from ._local import MISSING, Fill
+from ._local import MISSING
 from ._publish import _notify
 from ._stats import CacheStats
 from .errors import BackendUnavailableError
@@ -119,7 +117,8 @@ class AsyncHybridCache:
         # Hits the C paths count themselves; these are the others (count_hits only).
         self._python_hits = 0
         self._bind()
-        _live_caches.add(self)
+        # After fork, once the blocking cache has made its new process state.
+        sync._follow_fork(self._after_fork_in_child)
 
     def _bind(self) -> None:
         """Take the process state of :attr:`sync` (again after fork: it made new state)."""
@@ -314,15 +313,10 @@ class AsyncHybridCache:
         local = self._local
         while True:
             with local.lock:
-                entry = self.l1.lookup(key)
-                if entry is not None:
-                    if _monotonic() < entry[1]:
-                        return entry[0]
-                    self.l1.evict_many((key,))
-                fill = local.fills.get(key)
-                if fill is None:
-                    self._stats["l1_misses"] += 1
-                    fill = local.fills[key] = Fill(local.epoch)
+                value, fill, leads = sync._claim_locked(key)
+                if value is not MISSING:
+                    return value
+                if leads:
                     break
                 waiting = fill.add_waiter_locked()
             self._stats["single_flight_waits"] += 1
@@ -499,14 +493,12 @@ class AsyncHybridCache:
         await self.l2.aclose()
         self.l2.close()
         await asyncio.to_thread(self.sync.close)
-        _live_caches.discard(self)
 
     def close(self) -> None:
         """:meth:`aclose` for code outside a loop (connections of loops still running elsewhere
         are closed on their own loop)."""
         self.l2.close()
         self.sync.close()
-        _live_caches.discard(self)
 
     async def __aenter__(self) -> Self:
         return self
@@ -536,15 +528,3 @@ def _miss(key: Any, *args: Any, **kwargs: Any) -> Any:
 
 AnyCache = HybridCache | AsyncHybridCache
 """Either cache: what the integrations accept."""
-
-_live_caches: weakref.WeakSet[AsyncHybridCache] = weakref.WeakSet()
-
-
-def _reset_caches_after_fork() -> None:
-    for cache in list(_live_caches):
-        cache._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    # Registered after hybridinval._cache's handler (imported above), so it runs after it.
-    os.register_at_fork(after_in_child=_reset_caches_after_fork)

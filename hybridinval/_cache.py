@@ -62,6 +62,8 @@ T = TypeVar("T")
 
 _monotonic = time.monotonic
 
+_NO_FILL = Fill(0)  # what _claim_locked returns beside a value: never waited on
+
 LOAD: Any = ("load",)
 """What :meth:`HybridCache._fill_steps` yields when the loader must run."""
 
@@ -114,6 +116,7 @@ class HybridCache:
         self.l1_lease = l1_lease
         self._on_close = on_close
         self._closed = False
+        self._fork_followers: list[Callable[[], Callable[[], object] | None]] = []
         self._reset_process_state()
         _live_caches.add(self)
 
@@ -251,15 +254,10 @@ class HybridCache:
         local = self._local
         while True:
             with local.lock:
-                entry = self.l1.lookup(key)
-                if entry is not None:
-                    if _monotonic() < entry[1]:
-                        return entry[0]
-                    self.l1.evict_many((key,))
-                fill = local.fills.get(key)
-                if fill is None:
-                    self._stats["l1_misses"] += 1
-                    fill = local.fills[key] = Fill(local.epoch)
+                value, fill, leads = self._claim_locked(key)
+                if value is not MISSING:
+                    return value
+                if leads:
                     break
             self._stats["single_flight_waits"] += 1
             value = fill.wait()
@@ -273,6 +271,23 @@ class HybridCache:
             raise
         self._fill_done(key, fill, value, cacheable, version, ttl, l1_ttl)
         return value
+
+    def _claim_locked(self, key: str) -> tuple[Any, Fill, bool]:
+        """Under the lock, after an L1 miss: ``(value, _, _)`` if a live entry appeared
+        meanwhile; else ``(MISSING, fill, leads)``: a new fill this caller leads, or the fill in
+        flight to wait for (single flight)."""
+        local = self._local
+        entry = self.l1.lookup(key)
+        if entry is not None:
+            if _monotonic() < entry[1]:
+                return entry[0], _NO_FILL, False
+            self.l1.evict_many((key,))
+        fill = local.fills.get(key)
+        if fill is not None:
+            return MISSING, fill, False
+        self._stats["l1_misses"] += 1
+        fill = local.fills[key] = Fill(local.epoch)
+        return MISSING, fill, True
 
     def _fill_done(
         self,
@@ -570,11 +585,23 @@ class HybridCache:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _follow_fork(self, reset: Callable[[], object]) -> None:
+        """Call ``reset()`` in a forked child once this cache has made its new process state
+        (for a layer over it, such as :class:`~hybridinval.AsyncHybridCache`). A bound method is
+        held weakly: its object may go away first."""
+        self._fork_followers.append(
+            weakref.WeakMethod(reset) if hasattr(reset, "__self__") else lambda: reset
+        )
+
     def _after_fork_in_child(self) -> None:
         self.l1.clear()
         self.transport.reset_after_fork()
         self.l2.reset_after_fork()
         self._reset_process_state()
+        for follower in self._fork_followers:
+            reset = follower()
+            if reset is not None:
+                reset()
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -14,14 +14,15 @@ main process (which forks children) and by web processes that only send tasks.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, signals
 
-from hybridinval import HybridCache
+from hybridinval import AsyncHybridCache, HybridCache
 from hybridinval import celery as hybrid_celery
 
-from . import store
+from . import async_store, store
 from .settings import load
 
 settings = load()
@@ -55,6 +56,26 @@ integration = hybrid_celery.install(app, make_cache)
 def task_runtime() -> store.Runtime:
     """This process's runtime, on the cache the integration opened for it."""
     return store.runtime("task", cache=hybrid_celery.current_cache)
+
+
+_async_runtime: dict[int, async_store.AsyncRuntime] = {}
+
+
+def task_async_runtime() -> async_store.AsyncRuntime:
+    """This process's runtime for tasks that run asyncio code (``asyncio.run`` inside a task):
+    the process's cache seen through :meth:`AsyncHybridCache.wrap` (one L1, one subscriber), and
+    an async engine without a pool, since each ``asyncio.run`` is a new event loop and a pooled
+    connection belongs to the loop that opened it. Built on first use in each child."""
+    from sqlalchemy.pool import NullPool
+
+    pid = os.getpid()
+    rt = _async_runtime.get(pid)
+    if rt is None:
+        cache = AsyncHybridCache.wrap(hybrid_celery.current_cache())
+        rt = async_store.build_runtime(load(), "task", cache, poolclass=NullPool)
+        _async_runtime.clear()  # a parent's, inherited through fork
+        _async_runtime[pid] = rt
+    return rt
 
 
 def _open_runtime(**kwargs: Any) -> None:

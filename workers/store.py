@@ -25,14 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from hybridinval import HybridCache
+from hybridinval import AsyncHybridCache, HybridCache
 from hybridinval.keyspace import Keyspace
 from hybridinval.sqlalchemy import Installation, cached, install
 
@@ -65,32 +65,54 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """This process's numbers: its own counters and its cache's."""
-        cache = self.cache.stats()
-        hits, misses = cache["l1_hits"], cache["l1_misses"]
-        return {
-            "role": self.role,
-            "pid": self.pid,
-            "instance_id": self.cache.instance_id,
-            "reads": self.counters["reads"],
-            "writes": self.counters["writes"],
-            "write_retries": self.counters["write_retries"],
-            "l1_hits": hits,
-            "l1_misses": misses,
-            # None when the cache was built without count_hits=True.
-            "l1_hit_ratio": hits / (hits + misses) if hits is not None and hits + misses else None,
-            "invalidations_received": cache["invalidations_received"],
-            "lag_p50_us": cache["lag_p50_us"],
-            "lag_p99_us": cache["lag_p99_us"],
-            "lag_samples": cache["lag_samples"],
-            "subscribed": cache["subscribed"],
-            "blind_periods": cache["blind_periods"],
-        }
+        return process_stats(self.role, self.pid, self.counters, self.cache)
+
+    @property
+    def process(self) -> str:
+        """How the demo names this process: ``<role>:<pid>``."""
+        return f"{self.role}:{self.pid}"
 
     def close(self) -> None:
         self.installation.uninstall()
         if self.owns_cache:
             self.cache.close()
         self.engine.dispose()
+
+
+def process_stats(
+    role: str, pid: int, counters: Counter[str], cache: HybridCache | AsyncHybridCache
+) -> dict[str, Any]:
+    """A process's numbers, as every process of the example reports them."""
+    stats = cache.stats()
+    hits, misses = stats["l1_hits"], stats["l1_misses"]
+    return {
+        "role": role,
+        "pid": pid,
+        "instance_id": cache.instance_id,
+        "reads": counters["reads"],
+        "writes": counters["writes"],
+        "write_retries": counters["write_retries"],
+        "l1_hits": hits,
+        "l1_misses": misses,
+        # None when the cache was built without count_hits=True.
+        "l1_hit_ratio": hits / (hits + misses) if hits is not None and hits + misses else None,
+        "invalidations_received": stats["invalidations_received"],
+        "lag_p50_us": stats["lag_p50_us"],
+        "lag_p99_us": stats["lag_p99_us"],
+        "lag_samples": stats["lag_samples"],
+        "subscribed": stats["subscribed"],
+        "blind_periods": stats["blind_periods"],
+    }
+
+
+class Reporting(Protocol):
+    """A process that leaves its stats for the demo (:class:`Runtime`, and the asyncio one)."""
+
+    settings: Settings
+    role: str
+    pid: int
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 _lock = threading.Lock()
@@ -178,7 +200,7 @@ def stats_key(namespace: str) -> str:
     return Keyspace(namespace).app("process-stats")
 
 
-def publish_stats(current: Runtime) -> None:
+def publish_stats(current: Reporting) -> None:
     """Leave this process's final stats in Redis (a hash field per process), for the demo's
     table: a process that exits cleanly reports even if nobody can reach it any more (a
     replaced Celery child). The hash and its TTL are set in one transaction, so it never lives
@@ -218,6 +240,7 @@ def read_user(rt: Runtime, user_id: int) -> dict[str, Any]:
         "user": value,
         "started_ns": started_ns,
         "pid": rt.pid,
+        "process": rt.process,
         "instance_id": rt.cache.instance_id,
     }
 
@@ -244,7 +267,7 @@ def create_user(rt: Runtime, user_id: int, name: str, email: str) -> dict[str, A
         session.flush()
         payload = user.to_dict()
     rt.counters["writes"] += 1
-    return {"user": payload, "committed_ns": time.time_ns(), "pid": rt.pid}
+    return {"user": payload, "committed_ns": time.time_ns(), "pid": rt.pid, "process": rt.process}
 
 
 def update_user(
@@ -279,7 +302,12 @@ def update_user(
             time.sleep(0.001 * (attempt + 1))
             continue
         rt.counters["writes"] += 1
-        return {"user": payload, "committed_ns": committed_ns, "pid": rt.pid}
+        return {
+            "user": payload,
+            "committed_ns": committed_ns,
+            "pid": rt.pid,
+            "process": rt.process,
+        }
     raise RuntimeError(f"user {user_id}: {WRITE_ATTEMPTS} conflicting updates in a row")
 
 

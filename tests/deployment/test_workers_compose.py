@@ -50,15 +50,18 @@ def service_block(config: str, name: str) -> str:
 
 def test_compose_file_is_valid_and_runs_the_whole_stack() -> None:
     services = set(run("config", "--services").split())
-    assert services == {"redis", "postgres", "migrate", "web", "worker"}
+    assert services == {"redis", "postgres", "migrate", "web", "api", "worker"}
     config = run("config")
-    web, worker, migrate = (service_block(config, s) for s in ("web", "worker", "migrate"))
+    web, api, worker, migrate = (
+        service_block(config, s) for s in ("web", "api", "worker", "migrate")
+    )
     assert "replicas: 2" in web and "gunicorn" in web
+    assert "- uvicorn" in api and "workers.api:app" in api
     assert "- prefork" in worker and "workers.celery_app" in worker
     assert "- alembic" in migrate and "- upgrade" in migrate
-    for block in (web, worker):  # the app starts only on a migrated database
+    for block in (web, api, worker):  # the app starts only on a migrated database
         assert "service_completed_successfully" in block
-    for block in (web, worker, migrate):
+    for block in (web, api, worker, migrate):
         assert "HYBRIDINVAL_DATABASE_URL: postgresql" in block
         assert "HYBRIDINVAL_REDIS_URL: redis://" in block
         assert "dockerfile: Dockerfile" in block

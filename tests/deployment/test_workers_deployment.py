@@ -43,6 +43,19 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         return json.loads(response.read())
 
 
+def task_caller(celery: Celery, namespace: str, worker: Spawned) -> Callable[..., Any]:
+    """Run a task of the example on ``worker`` and return its result (or fail with its log)."""
+
+    def task(task_name: str, *args: Any, **kwargs: Any) -> Any:
+        result = celery.send_task(task_name, args, kwargs, queue=f"{namespace}.tasks")
+        try:
+            return result.get(timeout=30)
+        except Exception as exc:
+            raise AssertionError(f"{task_name}: {exc!r}\n{worker.log_tail()}") from exc
+
+    return task
+
+
 @pytest.fixture
 def pg_schema_url(postgres_url: str) -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh schema, migrated to head; dropped after."""
@@ -103,14 +116,8 @@ def test_web_and_tasks_stay_coherent_on_postgresql(
     celery = Celery(
         f"client-{namespace}", broker=broker.url, backend=broker.url, set_as_current=False
     )
+    task = task_caller(celery, namespace, worker)
     try:
-
-        def task(task_name: str, *args: Any, **kwargs: Any) -> Any:
-            result = celery.send_task(task_name, args, kwargs, queue=f"{namespace}.tasks")
-            try:
-                return result.get(timeout=30)
-            except Exception as exc:
-                raise AssertionError(f"{task_name}: {exc!r}\n{worker.log_tail()}") from exc
 
         def up() -> bool:
             try:
@@ -215,3 +222,107 @@ def test_settings_default_to_sqlite_and_an_embedded_redis_shared_with_children(
         "redis://example.invalid:1/0",
         "redis://broker.invalid:1/0",
     )
+
+
+def test_asyncio_services_sync_web_and_tasks_stay_coherent(
+    spawn: Callable[..., Spawned],
+    pg_schema_url: str,
+    redis_url: str,
+    namespace: str,
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """The FastAPI service under ``uvicorn --workers 2`` and under gunicorn's UvicornWorker,
+    beside the Flask app and a Celery worker whose task runs asyncio code under
+    ``asyncio.run``: a write through any of them is read back by all of them."""
+    broker = redis_server_factory()
+    env = {
+        "HYBRIDINVAL_DATABASE_URL": pg_schema_url,
+        "HYBRIDINVAL_REDIS_URL": redis_url,
+        "HYBRIDINVAL_BROKER_URL": broker.url,
+        "HYBRIDINVAL_NAMESPACE": namespace,
+    }
+    ports = {name: free_port() for name in ("uvicorn", "gunicorn-uvicorn", "flask")}
+    servers = {
+        "uvicorn": [
+            sys.executable, "-m", "uvicorn", "workers.api:app",
+            "--host", "127.0.0.1", "--port", str(ports["uvicorn"]), "--workers", "2",
+        ],
+        "gunicorn-uvicorn": [
+            sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker",
+            "-b", f"127.0.0.1:{ports['gunicorn-uvicorn']}", "-w", "2", "workers.api:app",
+        ],
+        "flask": [
+            sys.executable, "-m", "gunicorn", "-c", "python:workers.gunicorn_conf",
+            "-b", f"127.0.0.1:{ports['flask']}", "-w", "1", "workers.web:app",
+        ],
+    }  # fmt: skip
+    procs = {name: spawn(Spawned, argv, env=env) for name, argv in servers.items()}
+    worker = spawn(CeleryWorker, "workers.celery_app", env=env, queues=f"{namespace}.tasks")
+    bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    celery = Celery(
+        f"client-{namespace}", broker=broker.url, backend=broker.url, set_as_current=False
+    )
+    task = task_caller(celery, namespace, worker)
+    try:
+        for name, base in bases.items():
+
+            def up(base: str = base, name: str = name) -> bool:
+                try:
+                    return bool(http("GET", f"{base}/healthz")["ok"])
+                except OSError:
+                    assert procs[name].alive(), procs[name].log_tail()
+                    return False
+
+            wait_until(up, timeout=30, what=f"{name} answers")
+        created = http("POST", f"{bases['uvicorn']}/users", {"id": 7, "name": "A", "email": "a@x"})
+        assert created["user"]["version"] == 1 and created["process"].startswith("api:")
+
+        served: set[str] = set()
+
+        def read_everywhere(expected: int) -> None:
+            for base in bases.values():
+                for _ in range(6):
+                    body = http("GET", f"{base}/users/7")
+                    assert body["user"]["version"] == expected, body
+                    served.add(body["process"])
+            for task_name in ("workers.read_user", "workers.read_user_async") * 2:
+                body = task(task_name, 7)
+                assert body["user"]["version"] == expected, (task_name, body)
+
+        read_everywhere(1)  # fills L1 in every process that served
+        version = 1
+        for writer in ("uvicorn", "gunicorn-uvicorn", "flask"):
+            version += 1
+            updated = http("PUT", f"{bases[writer]}/users/7", {"name": f"by {writer}"})
+            assert updated["user"]["version"] == version, updated
+            time.sleep(DELTA_S)
+            read_everywhere(version)
+        version += 1
+        assert task("workers.update_user", 7, name="by a task")["user"]["version"] == version
+        time.sleep(DELTA_S)
+        read_everywhere(version)
+        # The API's enqueue_on_commit sent refresh_card after its commits too.
+        wait_until(
+            lambda: http("GET", f"{bases['uvicorn']}/users/7/card")["user_version"] == version,
+            timeout=15,
+            what="the card follows the last committed update",
+        )
+        api_processes = {p for p in served if p.startswith("api:")}
+        assert len(api_processes) >= 3, served  # several asyncio processes took part
+
+        for name, proc in procs.items():
+            assert proc.stop() == 0, (name, proc.log_tail())
+        assert worker.stop() == 0, worker.log_tail()
+        from workers.store import stats_key
+
+        with redis.Redis.from_url(redis_url) as client:
+            reported = {
+                k.decode(): json.loads(v) for k, v in client.hgetall(stats_key(namespace)).items()
+            }
+            client.delete(stats_key(namespace))
+        roles = [name.split(":")[0] for name in reported]
+        assert roles.count("api") == 4 and roles.count("web") == 1, reported
+        assert api_processes <= set(reported), "every asyncio process left its stats"
+        assert all(reported[p]["invalidations_received"] > 0 for p in api_processes), reported
+    finally:
+        celery.close()
