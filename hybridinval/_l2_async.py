@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -100,37 +101,41 @@ class AsyncRedisL2:
         self.version_ttl = l2.version_ttl
         self._data_prefix = l2.keyspace.data_prefix
         self._connect = connect if connect is not None else _connector_like(l2.client)
-        # Per loop: its client, and the blocking store's reconnect count it was made at.
+        # Per loop: its client, and the blocking store's reconnect count it was made at. Loops
+        # of several threads may share this store: the map changes under a lock.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, int]]
         self._clients = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         self._closing: set[asyncio.Task[None]] = set()
-        # The last loop and its client: the common case (one loop per process) skips the map.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: Any = None
-        self._generation = -1
+        # (loop, client, reconnect count) of the last use, replaced as one reference (another
+        # thread must never pair one loop with another loop's client): the common case, one
+        # loop per process, skips the map and the lock.
+        self._last: tuple[Any, Any, int] = (None, None, -1)
 
     def _execute(self) -> Callable[..., Any]:
         loop = asyncio.get_running_loop()
-        if loop is self._loop and self._generation == self._sync.reconnects:
-            return self._client.execute_command  # type: ignore[no-any-return]
+        last = self._last
+        if last[0] is loop and last[2] == self._sync.reconnects:
+            return last[1].execute_command  # type: ignore[no-any-return]
         return self._execute_slow(loop)
 
     def _execute_slow(self, loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
         generation = self._sync.reconnects
-        known = self._clients.get(loop)
-        if known is not None and known[1] == generation:
-            client = known[0]
-        else:
-            self._release_closed_loops()
-            if known is not None:
-                # The backplane came back from a gap, and the blocking store dropped its pooled
-                # connections (the fault may have left them silently dead): so do we, on this
-                # loop. Commands in flight on the old ones end as they would have anyway.
-                self._closing.add(task := loop.create_task(known[0].aclose()))
-                task.add_done_callback(self._closing.discard)
-            client = self._connect()
-            self._clients[loop] = (client, generation)
-        self._loop, self._client, self._generation = loop, client, generation
+        with self._lock:
+            known = self._clients.get(loop)
+            if known is not None and known[1] == generation:
+                client = known[0]
+            else:
+                self._release_closed_loops_locked()
+                if known is not None:
+                    # The backplane came back from a gap, and the blocking store dropped its
+                    # pooled connections (the fault may have left them silently dead): so do
+                    # we, on this loop. Commands in flight on the old ones end as they would.
+                    self._closing.add(task := loop.create_task(known[0].aclose()))
+                    task.add_done_callback(self._closing.discard)
+                client = self._connect()
+                self._clients[loop] = (client, generation)
+        self._last = (loop, client, generation)
         return client.execute_command  # type: ignore[no-any-return]
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -185,33 +190,34 @@ class AsyncRedisL2:
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
-        known = self._clients.pop(loop, None)
-        if self._loop is loop:
-            self._loop = self._client = None
+        with self._lock:
+            known = self._clients.pop(loop, None)
+            self._release_closed_loops_locked()
+        if self._last[0] is loop:
+            self._last = (None, None, -1)
         if known is not None:
             await known[0].aclose()
-        self._release_closed_loops()
 
     def close(self) -> None:
-        # Clients of loops still running elsewhere close on their own loop; those of closed
-        # loops are shut down here. (The running loop's, if any: use aclose() instead.)
+        # Clients of loops still running elsewhere close on their own loop; the others (closed
+        # loops, the running one: use aclose() there) have their sockets shut down here.
         running = asyncio._get_running_loop()
-        for loop, (client, _) in list(self._clients.items()):
-            if loop.is_closed():
-                _shut_down(client)
-            elif loop is not running and loop.is_running():
+        with self._lock:
+            clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
+            self._last = (None, None, -1)
+        for loop, (client, _) in clients:
+            if loop is not running and not loop.is_closed() and loop.is_running():
                 with contextlib.suppress(RuntimeError):
                     asyncio.run_coroutine_threadsafe(client.aclose(), loop)
             else:
                 _shut_down(client)
-        self._clients = weakref.WeakKeyDictionary()
-        self._loop = self._client = None
 
     def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
         self._clients = weakref.WeakKeyDictionary()
-        self._loop = self._client = None
+        self._last = (None, None, -1)
 
-    def _release_closed_loops(self) -> None:
+    def _release_closed_loops_locked(self) -> None:
         for loop, (client, _) in list(self._clients.items()):
             if loop.is_closed():
                 del self._clients[loop]

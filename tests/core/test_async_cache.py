@@ -529,3 +529,47 @@ def test_loops_that_come_and_go_leave_no_connections_behind(
     for i in range(30):
         assert asyncio.run(cache.get_or_set(f"k{i}", lambda i=i: i)) == i
     wait_until(lambda: ours() <= baseline + 1, what="old loops' connections closed")
+
+
+def test_a_loop_never_gets_another_loops_client(make_async: AsyncFactory) -> None:
+    """Forced interleaving: thread A pauses right after its first write of the store's record
+    of the last loop used; the main thread's loop B connects meanwhile; A resumes. B must still
+    get its own client (a record written in parts could pair loop B with A's client)."""
+    from hybridinval._l2_async import AsyncRedisL2
+
+    paused, resume = threading.Event(), threading.Event()
+    pause_in: list[int] = []
+
+    class PausingStore(AsyncRedisL2):
+        def __setattr__(self, name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+            if pause_in and threading.get_ident() == pause_in[0] and name in ("_last", "_loop"):
+                pause_in.clear()
+                paused.set()
+                resume.wait(10)
+
+    cache = make_async(l1_enabled=False)
+    cache.l2 = store = PausingStore(cache.sync.l2)
+
+    def in_thread_a() -> None:
+        pause_in.append(threading.get_ident())
+        asyncio.run(store.get("k"))
+
+    loop_b = asyncio.new_event_loop()
+
+    async def client_of_b() -> Any:
+        return store._execute().__self__
+
+    try:
+        thread = threading.Thread(target=in_thread_a)
+        thread.start()
+        assert paused.wait(10)
+        loop_b.run_until_complete(client_of_b())  # B connects while A is half way
+        resume.set()
+        thread.join(10)
+        own = store._clients[loop_b][0]
+        assert loop_b.run_until_complete(client_of_b()) is own
+    finally:
+        resume.set()
+        loop_b.run_until_complete(store.aclose())
+        loop_b.close()
