@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 from support import RedisServer, TcpProxy
-from support.inspect import entries
+from support.inspect import entries, redis_l2
 from support.waiting import wait_until
 
 from hybridinval import AsyncHybridCache, HybridCache, SerializationError
@@ -549,7 +549,7 @@ def test_a_loop_never_gets_another_loops_client(make_async: AsyncFactory) -> Non
                 resume.wait(10)
 
     cache = make_async(l1_enabled=False)
-    cache.l2 = store = PausingStore(cache.sync.l2)
+    cache.l2 = store = PausingStore(redis_l2(cache.sync))
 
     def in_thread_a() -> None:
         pause_in.append(threading.get_ident())
@@ -558,7 +558,8 @@ def test_a_loop_never_gets_another_loops_client(make_async: AsyncFactory) -> Non
     loop_b = asyncio.new_event_loop()
 
     async def client_of_b() -> Any:
-        return store._execute().__self__
+        execute: Any = store._execute()
+        return execute.__self__  # the client whose execute_command it is
 
     try:
         thread = threading.Thread(target=in_thread_a)
