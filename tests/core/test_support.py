@@ -310,3 +310,32 @@ def test_namespace_is_unique_per_test(namespace: str, redis_url: str) -> None:
     assert namespace.startswith("t-")
     assert len(namespace) == 14
     assert redis_ping(redis_url)
+
+
+@pytest.mark.slow
+def test_local_cluster_serves_every_slot_and_fails_over() -> None:
+    """The cluster the scale-out tests stand on: 3 masters with a replica each, every slot
+    served; killing a master (its own process) promotes its replica."""
+    import redis.cluster
+    from support.cluster import LocalCluster
+
+    with LocalCluster(masters=3, replicas=1) as cluster:
+        assert len(cluster.masters()) == 3
+        client = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=2)
+        try:
+            client.set("probe", "1")
+            slot = client.keyslot("probe")
+            master = cluster.master_of_slot(slot)
+            master.kill()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    promoted = cluster.master_of_slot(slot)
+                    break
+                except (LookupError, redis.RedisError):
+                    assert time.monotonic() < deadline, "no replica took over"
+                    time.sleep(0.1)
+            assert promoted is not master
+            cluster.wait_ok()
+        finally:
+            client.close()
