@@ -99,6 +99,10 @@ class Coherence:
             else:
                 stats["keys_evicted_remote"] += local.l1.evict_many(message.keys)
                 local.cancel_locked(message.keys)
+                quarantine = local.quarantine
+                if quarantine:  # a backlog replayed after a gap (see on_resumed)
+                    for key in message.keys:
+                        quarantine.pop(key, None)
         self.lags_us.append(lag_us)
 
     def on_tick(self) -> None:
@@ -127,6 +131,30 @@ class Coherence:
             name="hybridinval-restore",
             daemon=True,
         ).start()
+
+    def on_resumed(self) -> None:
+        """Nothing was missed while blind (the transport replayed it all through on_message,
+        which dropped what it named from the set-aside L1): bring L1 back as it was set aside,
+        with no L2 round trip. A new epoch all the same: fills begun while blind read L2 at
+        moments the replayed messages may postdate."""
+        local = self.local
+        now = _monotonic()
+        with local.lock:
+            quarantine = local.quarantine
+            local.flush_locked()
+            restored = 0
+            for key, (value, expires_at, version) in quarantine.items():
+                if expires_at > now:
+                    local.l1.store(key, value, expires_at, version)
+                    restored += 1
+            local.stats["l1_restored"] += restored
+            local.trusted = True
+        log.info(
+            "backplane %s: resubscribed with nothing missed; %d L1 entries kept (instance %s)",
+            self.transport.channel,
+            restored,
+            self.instance_id,
+        )
 
     def on_blind(self, reason: str) -> None:
         local = self.local

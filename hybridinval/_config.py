@@ -115,12 +115,28 @@ class CacheConfig:
     client_name: str | None = None
     """Labels the cache's Redis connections (``CLIENT LIST``), to tell processes apart."""
 
+    backplane: str | None = None
+    """The backplane's URL when it is not L2's Redis: an AMQP broker (``amqp://`` or
+    ``amqps://``, RabbitMQ) through kombu (the ``amqp`` extra); see
+    :class:`~hybridinval.transports.kombu.KombuTransport`. ``None``: Pub/Sub on L2's Redis."""
+
+    backplane_queue_expires: float = 60.0
+    """With an AMQP backplane: how long a process's queue outlives its connection. A reconnect
+    within it misses nothing (L1 is kept); a longer absence is a gap (L1 is checked against
+    L2)."""
+
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
         for name in ("l1_ttl", "l2_ttl", "version_ttl", "socket_timeout"):
             _positive(name, getattr(self, name))
-        for name in ("health_check_interval", "health_check_timeout"):
+        for name in ("health_check_interval", "health_check_timeout", "backplane_queue_expires"):
             _positive(name, getattr(self, name))
+        if self.backplane is not None and not (
+            isinstance(self.backplane, str) and self.backplane.startswith(("amqp://", "amqps://"))
+        ):
+            raise ValueError(
+                f"backplane must be an amqp:// or amqps:// URL (or None), got {self.backplane!r}"
+            )
         for name in ("l1_max_entries", "max_key_length", "lag_samples"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
@@ -164,15 +180,30 @@ _DEFAULT = CacheConfig()
 
 
 def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport]:
-    """L2 and the backplane on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    """L2 on one Redis URL (``redis://``, ``rediss://`` or ``unix://``), and the backplane:
+    Pub/Sub on that Redis, or ``config.backplane``'s broker."""
     keyspace = Keyspace(config.namespace)
     named = {"client_name": config.client_name} if config.client_name else {}
     client = redis_client(url, socket_timeout=config.socket_timeout, **named)
-    transport = RedisPubSubTransport(
-        url,
-        keyspace.channel,
-        health_check_interval=config.health_check_interval,
-        health_check_timeout=config.health_check_timeout,
-        connection_options=named,
-    )
+    transport: Transport
+    if config.backplane is not None:
+        from .transports.kombu import KombuTransport
+
+        transport = KombuTransport(
+            config.backplane,
+            keyspace.channel,
+            queue_expires=config.backplane_queue_expires,
+            # AMQP heartbeats are whole seconds on the wire; a silent link is noticed within
+            # two of them.
+            heartbeat=max(1.0, config.health_check_interval + config.health_check_timeout),
+            publish_timeout=config.socket_timeout,
+        )
+    else:
+        transport = RedisPubSubTransport(
+            url,
+            keyspace.channel,
+            health_check_interval=config.health_check_interval,
+            health_check_timeout=config.health_check_timeout,
+            connection_options=named,
+        )
     return RedisL2(client, keyspace, version_ttl=config.version_ttl), transport

@@ -21,6 +21,7 @@ from hybridinval import HybridCache
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def _require_services() -> bool:
@@ -68,6 +69,25 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """An AMQP broker (RabbitMQ) for the kombu backplane, or skip (fail in CI) if none.
+
+    Order: $HYBRIDINVAL_AMQP_URL, then the local RabbitMQ (guest/guest on 127.0.0.1:5672)."""
+    url = os.environ.get("HYBRIDINVAL_AMQP_URL") or DEFAULT_AMQP_URL
+    try:
+        from kombu.connection import Connection
+
+        with Connection(url, connect_timeout=2) as conn:
+            conn.connect()
+    except Exception as exc:
+        reason = f"no AMQP broker at {url}: {exc!r}"
+        if _require_services():
+            pytest.fail(f"HYBRIDINVAL_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -266,6 +266,10 @@ class RecordingListener:
         self.events.append("blind")
         self.connected.clear()
 
+    def on_resumed(self) -> None:
+        self.events.append("resumed")
+        self.connected.set()
+
     def on_tick(self) -> None:
         self.ticks += 1
 

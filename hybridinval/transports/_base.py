@@ -39,6 +39,13 @@ class BackplaneListener(Protocol):
         expired). Called before any attempt to reconnect, and before any later delivery."""
         ...
 
+    def on_resumed(self) -> None:
+        """Subscribed again after a blind period, and every message published during it has
+        been delivered (and handed to :meth:`on_message`) before this call: nothing was missed.
+        For transports that keep a subscriber's messages while it is away (a broker queue);
+        the others report :meth:`on_connected`, which assumes a gap."""
+        ...
+
     def on_tick(self) -> None:
         """Housekeeping; called at least every :data:`TICK_INTERVAL` while the transport runs."""
         ...

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from .._l2 import L2Store, RedisL2, redis_endpoint
 from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
+from ._progress import DeliveryProgress
 
 __all__ = ["RedisPubSubTransport"]
 
@@ -83,15 +84,9 @@ class RedisPubSubTransport:
         self._init_progress()
 
     def _init_progress(self) -> None:
-        # What caught_up() reads. ``_sock`` is the subscribed connection's socket (None while not
-        # subscribed); ``_busy`` is True whenever bytes may have been read from it but not yet
-        # handed to the listener. The subscriber clears ``_busy`` only after its parser buffer is
-        # empty and sets it again before it reads, so "not busy and nothing readable" proves
-        # that everything that reached the socket so far has been applied.
-        self._sock: Any = None
-        self._busy = False
-        self._progress = threading.Condition(threading.Lock())
-        self._waiters = 0
+        # What caught_up() reads: the subscribed connection's socket, and whether bytes may have
+        # been read from it but not yet handed to the listener (see DeliveryProgress).
+        self.progress = DeliveryProgress()
 
     tracks_delivery = True
 
@@ -148,46 +143,10 @@ class RedisPubSubTransport:
     # -- delivery progress (read by reader threads) -------------------------------------------
 
     def caught_up(self, timeout: float) -> float | None:
-        now = time.monotonic()
-        if self._settled():
-            return now
-        deadline = now + timeout
-        with self._progress:
-            self._waiters += 1
-            try:
-                while True:
-                    now = time.monotonic()
-                    if self._settled():
-                        return now
-                    if now >= deadline:
-                        return None
-                    # Woken when the subscriber goes idle; the cap only guards a lost wake-up.
-                    self._progress.wait(min(deadline - now, 0.005))
-            finally:
-                self._waiters -= 1
-
-    def _settled(self) -> bool:
-        sock = self._sock
-        if sock is None:
-            return True  # not subscribed: the listener is blind and keeps no L1
-        if self._busy:
-            return False
-        try:
-            readable, _, _ = select.select((sock,), (), (), 0)
-        except (OSError, ValueError):  # closed under us: the subscriber is about to go blind
-            return False
-        return not readable
-
-    def _idle(self) -> None:
-        """The subscriber has applied everything it read: wake readers waiting in caught_up()."""
-        self._busy = False
-        if self._waiters:
-            with self._progress:
-                self._progress.notify_all()
+        return self.progress.caught_up(timeout)
 
     def _unsubscribed(self) -> None:
-        self._sock = None
-        self._idle()
+        self.progress.unsubscribed()
 
     def _run(self, listener: BackplaneListener) -> None:
         backoff = self._backoff_min
@@ -228,8 +187,7 @@ class RedisPubSubTransport:
             raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
         self.connects += 1
         sock = conn._sock  # for select() only; every read goes through redis-py's parser
-        self._busy = True
-        self._sock = sock
+        self.progress.subscribed(sock)
         listener.on_connected()
 
         interval, timeout = self.health_check_interval, self.health_check_timeout
@@ -263,9 +221,9 @@ class RedisPubSubTransport:
                 wait = ping_sent_at + timeout - now
             else:
                 wait = next_ping - now
-            self._idle()
+            self.progress.idle()
             self._wait_readable(sock, max(0.0, min(wait, next_tick - now)))
-            self._busy = True
+            self.progress.busy = True
 
     def _wait_readable(self, sock: Any, timeout: float) -> None:
         """Block until ``sock`` has data (or EOF) or ``timeout`` passes. Reads nothing."""

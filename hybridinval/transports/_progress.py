@@ -1,0 +1,72 @@
+"""Delivery progress of a subscriber that reads one socket: what ``Transport.caught_up`` reads.
+
+The subscriber sets :attr:`DeliveryProgress.busy` before it may read from the socket and calls
+:meth:`DeliveryProgress.idle` only once everything it read has been handed to the listener, so
+"not busy and nothing readable" proves that every byte that reached the socket so far has been
+applied. Readers (the L1 lease) check that without ever blocking the subscriber.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from typing import Any
+
+__all__ = ["DeliveryProgress"]
+
+
+class DeliveryProgress:
+    def __init__(self) -> None:
+        self.sock: Any = None  # the subscribed socket; None while not subscribed
+        self.busy = False
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0
+
+    def subscribed(self, sock: Any) -> None:
+        """Subscribed on ``sock`` (the subscriber is busy until its first :meth:`idle`)."""
+        self.busy = True
+        self.sock = sock
+
+    def unsubscribed(self) -> None:
+        self.sock = None
+        self.idle()
+
+    def idle(self) -> None:
+        """The subscriber has applied everything it read: wake readers waiting in caught_up."""
+        self.busy = False
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
+    def caught_up(self, timeout: float) -> float | None:
+        """As :meth:`Transport.caught_up <hybridinval.Transport.caught_up>`."""
+        now = time.monotonic()
+        if self.settled():
+            return now
+        deadline = now + timeout
+        with self._cond:
+            self._waiters += 1
+            try:
+                while True:
+                    now = time.monotonic()
+                    if self.settled():
+                        return now
+                    if now >= deadline:
+                        return None
+                    # Woken when the subscriber goes idle; the cap only guards a lost wake-up.
+                    self._cond.wait(min(deadline - now, 0.005))
+            finally:
+                self._waiters -= 1
+
+    def settled(self) -> bool:
+        sock = self.sock
+        if sock is None:
+            return True  # not subscribed: the listener is blind and keeps no L1
+        if self.busy:
+            return False
+        try:
+            readable, _, _ = select.select((sock,), (), (), 0)
+        except (OSError, ValueError):  # closed under us: the subscriber is about to go blind
+            return False
+        return not readable
