@@ -46,7 +46,19 @@ def pg(postgres_url: str) -> Any:
     drop_database(spec)
 
 
-def test_soak_zero_stale_reads(pg: DbSpec, redis_url: str, namespace: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backplane", ["redis-pubsub", "rabbitmq"])
+def test_soak_zero_stale_reads(
+    pg: DbSpec,
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+    backplane: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """On each backplane: Redis Pub/Sub on L2's server, and RabbitMQ (L2 on Redis)."""
+    options = (
+        {} if backplane == "redis-pubsub" else {"backplane": request.getfixturevalue("amqp_url")}
+    )
     engine = pg.engine()
     with Session(engine) as s, s.begin():
         s.add_all(Item(id=i, value="init") for i in range(ROWS))
@@ -59,6 +71,7 @@ def test_soak_zero_stale_reads(pg: DbSpec, redis_url: str, namespace: str, tmp_p
     writer = ctx.Process(
         target=soak_writer,
         args=(redis_url, namespace, pg, ROWS, COMMITS, 1, ready[0], start, str(writer_out)),
+        kwargs={"cache_options": options},
     )
     readers = [
         ctx.Process(
@@ -75,6 +88,7 @@ def test_soak_zero_stale_reads(pg: DbSpec, redis_url: str, namespace: str, tmp_p
                 settled,
                 str(out),
             ),
+            kwargs={"cache_options": options},
         )
         for i, out in enumerate(reader_outs)
     ]

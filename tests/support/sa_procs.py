@@ -76,12 +76,13 @@ def soak_writer(
     ready: Event,
     start: Event,
     out_path: str,
+    cache_options: dict[str, Any] | None = None,
 ) -> None:
     """Commit ``commits`` random updates to ``rows`` items, with rolled-back savepoints and
     rolled-back transactions mixed in; log (row, value, time before commit(), time commit()
     returned) for each commit that changed a row."""
     rng = random.Random(seed)
-    cache = HybridCache.from_url(redis_url, namespace=namespace)
+    cache = HybridCache.from_url(redis_url, namespace=namespace, **(cache_options or {}))
     engine = db.engine()
     factory = sessionmaker(engine, class_=TrackedSession)
     installation = install(factory, cache)
@@ -145,11 +146,12 @@ def soak_reader(
     writer_done: Event,
     settled: Event,
     out_path: str,
+    cache_options: dict[str, Any] | None = None,
 ) -> None:
     """Loop get_or_set over the items until the writer is done; log every read as
     (row, value, start, end); after the settle signal, dump L1 and the backplane stats."""
     rng = random.Random(seed)
-    cache = HybridCache.from_url(redis_url, namespace=namespace)
+    cache = HybridCache.from_url(redis_url, namespace=namespace, **(cache_options or {}))
     engine = db.engine()
     factory = sessionmaker(engine, class_=TrackedSession)
     installation = install(factory, cache)
