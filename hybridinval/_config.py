@@ -16,6 +16,8 @@ from typing import Any
 
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import RedisL2, redis_client
+from ._sentinel import SCHEME as SENTINEL_SCHEME
+from ._sentinel import SentinelTarget
 from .keyspace import MAX_KEY_LENGTH, Keyspace, check_namespace
 from .serializers import Serializer, get_serializer
 from .transports import RedisPubSubTransport, Transport
@@ -180,11 +182,40 @@ _DEFAULT = CacheConfig()
 
 
 def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport]:
-    """L2 on one Redis URL (``redis://``, ``rediss://`` or ``unix://``), and the backplane:
+    """L2 on one Redis URL (``redis://``, ``rediss://``, ``unix://``, or ``redis+sentinel://``
+    for the master a Sentinel set names, see :mod:`hybridinval._sentinel`), and the backplane:
     Pub/Sub on that Redis, or ``config.backplane``'s broker."""
     keyspace = Keyspace(config.namespace)
     named = {"client_name": config.client_name} if config.client_name else {}
-    client = redis_client(url, socket_timeout=config.socket_timeout, **named)
+    locate: Any = None
+    endpoint: Any = None
+    async_connect: Any = None
+    if url.startswith(SENTINEL_SCHEME):
+        target = SentinelTarget.parse(url)
+        options = {
+            "socket_timeout": config.socket_timeout,
+            "socket_connect_timeout": 1.0,
+            "protocol": 2,
+            **named,
+        }
+        client = target.client(**options)
+        endpoint = target.endpoint
+
+        def locate() -> str:
+            return target.master_url(**options)
+
+        def async_connect() -> Any:
+            return target.async_client(**options)
+
+    else:
+        client = redis_client(url, socket_timeout=config.socket_timeout, **named)
+    l2 = RedisL2(
+        client,
+        keyspace,
+        version_ttl=config.version_ttl,
+        endpoint=endpoint,
+        async_connect=async_connect,
+    )
     transport: Transport
     if config.backplane is not None:
         from .transports.kombu import KombuTransport
@@ -205,5 +236,7 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport
             health_check_interval=config.health_check_interval,
             health_check_timeout=config.health_check_timeout,
             connection_options=named,
+            locate=locate,
+            endpoint=endpoint,
         )
-    return RedisL2(client, keyspace, version_ttl=config.version_ttl), transport
+    return l2, transport

@@ -144,13 +144,19 @@ class RedisL2:
         namespace: str | Keyspace,
         *,
         version_ttl: float = 600.0,
+        endpoint: tuple[str, str, int] | None = None,
+        async_connect: Callable[[], Any] | None = None,
     ) -> None:
+        """``endpoint``: which server this is, when the client's options do not say (a
+        Sentinel-managed pool); ``async_connect``: makes the ``redis.asyncio`` client the
+        asyncio cache uses beside this one (default: one with this client's options)."""
         if version_ttl <= 0:
             raise ValueError(f"version_ttl must be > 0, got {version_ttl!r}")
         self.client = client
         self.keyspace = namespace if isinstance(namespace, Keyspace) else Keyspace(namespace)
         self.version_ttl = version_ttl
-        self.endpoint = redis_endpoint(client.connection_pool.connection_kwargs)
+        self.endpoint = endpoint or redis_endpoint(client.connection_pool.connection_kwargs)
+        self.async_connect = async_connect
         self.reconnects = 0
         self._data_prefix = self.keyspace.data_prefix
         self._version_prefix = self.keyspace.version_prefix

@@ -100,7 +100,7 @@ class AsyncRedisL2:
         self._sync = l2
         self.version_ttl = l2.version_ttl
         self._data_prefix = l2.keyspace.data_prefix
-        self._connect = connect if connect is not None else _connector_like(l2.client)
+        self._connect = connect or l2.async_connect or _connector_like(l2.client)
         # Per loop: its client, and the blocking store's reconnect count it was made at. Loops
         # of several threads may share this store: the map changes under a lock.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, int]]

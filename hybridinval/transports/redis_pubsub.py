@@ -23,6 +23,7 @@ import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -58,12 +59,18 @@ class RedisPubSubTransport:
         health_check_timeout: float = 0.5,
         reconnect_backoff: tuple[float, float] = (0.05, 2.0),
         connection_options: dict[str, Any] | None = None,
+        locate: Callable[[], str] | None = None,
+        endpoint: tuple[str, str, int] | None = None,
     ) -> None:
+        """``locate``: returns the ``redis://`` URL to connect to now, asked at every
+        (re)connect (the master of a Sentinel-managed service); default: ``url``. ``endpoint``:
+        which server that is, for :meth:`script_channel`, when ``url`` does not say."""
         if health_check_interval <= 0 or health_check_timeout <= 0:
             raise ValueError("health_check_interval and health_check_timeout must be > 0")
         self.url = url
         self.channel = channel
-        self.endpoint = redis_endpoint(parse_url(url))  # type: ignore[no-untyped-call]
+        self._locate = locate
+        self.endpoint = endpoint or redis_endpoint(parse_url(url))  # type: ignore[no-untyped-call]
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
@@ -100,11 +107,17 @@ class RedisPubSubTransport:
 
     def publish(self, message: bytes) -> None:
         if self._publisher is None:
-            self._publisher = redis.Redis.from_url(self.url, **self._options)
+            self._publisher = redis.Redis.from_url(self._where(), **self._options)
         try:
             self._publisher.publish(self.channel, message)
         except RedisError as exc:
+            if self._locate is not None:  # the master may have moved: ask again next time
+                self._publisher.close()
+                self._publisher = None
             raise BackendUnavailableError(f"publish on {self.channel!r} failed: {exc}") from exc
+
+    def _where(self) -> str:
+        return self.url if self._locate is None else self._locate()
 
     # -- subscribing --------------------------------------------------------------------------
 
@@ -177,7 +190,7 @@ class RedisPubSubTransport:
         self._close_conn()
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
-        pool = redis.ConnectionPool.from_url(self.url, **self._options)
+        pool = redis.ConnectionPool.from_url(self._where(), **self._options)
         conn: Any = pool.make_connection()  # redis-py's connection API is untyped
         self._conn = conn
         conn.connect()
