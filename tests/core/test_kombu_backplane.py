@@ -283,3 +283,26 @@ def test_a_publish_the_broker_refuses_after_commit_is_retried(
 def test_a_bad_backplane_url_is_refused_naming_the_option(redis_url: str) -> None:
     with pytest.raises(ValueError, match="backplane"):
         HybridCache.from_url(redis_url, backplane="redis://127.0.0.1:6379/0")
+
+
+def test_the_asyncio_cache_publishes_over_the_broker_too(
+    make_cache_amqp: Callable[..., HybridCache], redis_url: str, namespace: str, amqp_url: str
+) -> None:
+    import asyncio
+
+    from hybridinval import AsyncHybridCache
+
+    reader = make_cache_amqp()
+    reader.get_or_set("k", lambda: "old")
+
+    async def main() -> None:
+        async with AsyncHybridCache.from_url(
+            redis_url, namespace=namespace, backplane=amqp_url
+        ) as writer:
+            assert await writer.wait_until_subscribed(10)
+            await writer.set("k", "new")  # L2 script, then the broker publish (off the loop)
+            assert await writer.invalidate_committed(["other"])
+
+    asyncio.run(main())
+    wait_until(lambda: "k" not in entries(reader), what="evicted through the broker")
+    assert reader.get("k") == "new"
