@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Stamp: reinstall (and rebuild the C hit path) when the build inputs change, not on every run.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test test-fast bench chaos demo FORCE
+.PHONY: venv lint typecheck test test-fast bench chaos fanout demo FORCE
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ bench: venv
 # redis-server and PostgreSQL; half-open links need root (iptables) and are skipped otherwise.
 chaos: venv
 	$(BIN)/python -m benchmarks.chaos
+
+# One invalidation to 8, 32 and 128 subscriber processes, on Redis Pub/Sub and RabbitMQ, against
+# the raw clients: propagation to the slowest process, Redis CPU per message, keys/s with 1 and 4
+# writers; results in benchmarks/results/fanout.{json,md,png}. A few minutes.
+fanout: venv
+	$(BIN)/python -m benchmarks.fanout --amqp
 
 demo: venv
 	$(BIN)/hybridinval demo
