@@ -10,12 +10,12 @@ them; a cache built from seams gets them from the seams.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._l1 import L1Store, MemoryL1, NullL1
-from ._l2 import RedisL2, redis_client
+from ._l2 import L2Store, RedisL2, redis_client
 from ._sentinel import SCHEME as SENTINEL_SCHEME
 from ._sentinel import SentinelTarget
 from .keyspace import MAX_KEY_LENGTH, Keyspace, check_namespace
@@ -181,16 +181,20 @@ _FIELDS = frozenset(field.name for field in dataclasses.fields(CacheConfig))
 _DEFAULT = CacheConfig()
 
 
-def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport]:
-    """L2 on one Redis URL (``redis://``, ``rediss://``, ``unix://``, or ``redis+sentinel://``
-    for the master a Sentinel set names, see :mod:`hybridinval._sentinel`), and the backplane:
-    Pub/Sub on that Redis, or ``config.backplane``'s broker."""
+def build_redis_seams(url: str, config: CacheConfig) -> tuple[L2Store, Transport]:
+    """L2 and the backplane for one URL: ``redis://``, ``rediss://`` or ``unix://`` (one
+    server), ``redis+sentinel://`` (the master a Sentinel set names, see
+    :mod:`hybridinval._sentinel`) or ``redis+cluster://`` (a Redis Cluster, see
+    :func:`_cluster_seams`). The backplane is Pub/Sub on that Redis, or ``config.backplane``'s
+    broker."""
     keyspace = Keyspace(config.namespace)
     named = {"client_name": config.client_name} if config.client_name else {}
-    locate: Any = None
-    endpoint: Any = None
-    async_connect: Any = None
-    if url.startswith(SENTINEL_SCHEME):
+    l2: L2Store
+    locate: Callable[[], str] | None = None
+    endpoint: tuple[str, str, int] | None = None
+    if url.startswith(CLUSTER_SCHEME):
+        l2, url, locate, endpoint = _cluster_seams(url, keyspace, config, named)
+    elif url.startswith(SENTINEL_SCHEME):
         target = SentinelTarget.parse(url)
         options = {
             "socket_timeout": config.socket_timeout,
@@ -198,24 +202,21 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport
             "protocol": 2,
             **named,
         }
-        client = target.client(**options)
         endpoint = target.endpoint
+        l2 = RedisL2(
+            target.client(**options),
+            keyspace,
+            version_ttl=config.version_ttl,
+            endpoint=endpoint,
+            async_connect=lambda: target.async_client(**options),
+        )
 
         def locate() -> str:
             return target.master_url(**options)
 
-        def async_connect() -> Any:
-            return target.async_client(**options)
-
     else:
         client = redis_client(url, socket_timeout=config.socket_timeout, **named)
-    l2 = RedisL2(
-        client,
-        keyspace,
-        version_ttl=config.version_ttl,
-        endpoint=endpoint,
-        async_connect=async_connect,
-    )
+        l2 = RedisL2(client, keyspace, version_ttl=config.version_ttl)
     transport: Transport
     if config.backplane is not None:
         from .transports.kombu import KombuTransport
@@ -240,3 +241,57 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[RedisL2, Transport
             endpoint=endpoint,
         )
     return l2, transport
+
+
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def _cluster_seams(
+    url: str, keyspace: Keyspace, config: CacheConfig, named: dict[str, Any]
+) -> tuple[L2Store, str, Callable[[], str], tuple[str, str, int]]:
+    """A Redis Cluster (``redis+cluster://host:port[,host:port...]``): L2 on every node
+    (:class:`~hybridinval._l2_cluster.RedisClusterL2`), and the backplane on classic Pub/Sub,
+    which a cluster carries to every node: the subscriber listens on any node that answers (a
+    failover of that node is a blind period), and messages follow the L2 writes."""
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from ._l2_cluster import RedisClusterL2
+
+    nodes = []
+    for host_port in filter(None, url[len(CLUSTER_SCHEME) :].split("/")[0].split(",")):
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r}: expected redis+cluster://host:port[,host:port...]")
+        nodes.append((host, int(port)))
+    if not nodes:
+        raise ValueError(f"{url!r}: expected redis+cluster://host:port[,host:port...]")
+
+    def connect() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+            socket_timeout=config.socket_timeout,
+            socket_connect_timeout=1.0,
+            protocol=2,
+            **named,
+        )
+
+    l2 = RedisClusterL2(connect, keyspace, version_ttl=config.version_ttl)
+
+    def locate() -> str:
+        """A node that answers: the configured ones first, then any the cluster knows of."""
+        candidates = list(nodes)
+        known: Any = l2._client
+        if known is not None:
+            candidates += [(n.host, n.port) for n in known.get_nodes()]
+        for host, port in dict.fromkeys(candidates):
+            try:
+                with redis.Redis(host=host, port=port, socket_timeout=0.5) as probe:
+                    probe.ping()
+            except redis.RedisError:
+                continue
+            return f"redis://{host}:{port}/0"
+        raise redis.ConnectionError(f"no node of {url!r} answers")
+
+    first = f"redis://{nodes[0][0]}:{nodes[0][1]}/0"
+    return l2, first, locate, ("cluster", url, 0)

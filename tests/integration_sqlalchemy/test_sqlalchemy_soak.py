@@ -20,8 +20,9 @@ import bisect
 import json
 import multiprocessing
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -38,6 +39,22 @@ COMMITS = 1000
 READERS = 3
 DELTA = 0.050
 
+T = TypeVar("T")
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[[T], T]]:
+    """Closes what it is given at the end of the test."""
+    things: list[Any] = []
+
+    def close_later(thing: T) -> T:
+        things.append(thing)
+        return thing
+
+    yield close_later
+    for thing in things:
+        thing.close()
+
 
 @pytest.fixture
 def pg(postgres_url: str) -> Any:
@@ -46,19 +63,29 @@ def pg(postgres_url: str) -> Any:
     drop_database(spec)
 
 
-@pytest.mark.parametrize("backplane", ["redis-pubsub", "rabbitmq"])
+@pytest.mark.parametrize("backend", ["redis-pubsub", "rabbitmq", "sentinel", "cluster"])
 def test_soak_zero_stale_reads(
     pg: DbSpec,
     redis_url: str,
     namespace: str,
     tmp_path: Path,
-    backplane: str,
+    backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    """On each backplane: Redis Pub/Sub on L2's server, and RabbitMQ (L2 on Redis)."""
-    options = (
-        {} if backplane == "redis-pubsub" else {"backplane": request.getfixturevalue("amqp_url")}
-    )
+    """On each deployment: one Redis with its Pub/Sub; L2 on Redis with RabbitMQ as the
+    backplane; a Sentinel set; a Redis Cluster (3 masters) with the cluster's Pub/Sub."""
+    options: dict[str, Any] = {}
+    if backend == "rabbitmq":
+        options["backplane"] = request.getfixturevalue("amqp_url")
+    elif backend == "sentinel":
+        from support.sentinel import SentinelSet
+
+        redis_url = request.getfixturevalue("closing")(SentinelSet()).url
+    elif backend == "cluster":
+        from support.cluster import LocalCluster
+
+        cluster = request.getfixturevalue("closing")(LocalCluster(masters=3, replicas=0))
+        redis_url = "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in cluster.nodes)
     engine = pg.engine()
     with Session(engine) as s, s.begin():
         s.add_all(Item(id=i, value="init") for i in range(ROWS))

@@ -1,0 +1,229 @@
+"""L2 on a Redis Cluster: :class:`RedisClusterL2`, the twin of :class:`~hybridinval.RedisL2`.
+
+The same values, versions and scripts, laid out so that every script stays in one slot. A key
+belongs to one of ``buckets`` buckets (CRC-32 of the key); a bucket's names share a hash tag,
+``hi:{<namespace>:<bucket>}:d:<key>`` and ``...:v:<key>``, so a key's value and version live in
+one slot (the compare-and-set reads one and writes the other atomically). A batch invalidation
+is one script call per bucket it touches, all of them pipelined: redis-py sends each node its
+calls in one write and reads the replies after, so the round trips to the nodes overlap.
+
+Buckets rather than a hash tag per key: a fixed, small set of slots is what lets a bucket's
+backplane channel (sharded Pub/Sub) live in the same slot as its keys, so that the script that
+deletes them can also publish their message. Every process of a namespace must use the same
+number of buckets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+import redis.cluster
+from redis.exceptions import RedisError
+
+from ._l2 import (
+    _CAS_SET,
+    _INVALIDATE,
+    _SET,
+    Notify,
+    _ms,
+    new_version,
+    split_for_fill,
+    split_stored,
+)
+from .errors import BackendUnavailableError
+from .keyspace import Keyspace
+
+__all__ = ["DEFAULT_BUCKETS", "RedisClusterL2"]
+
+DEFAULT_BUCKETS = 64
+
+_NO_VERSION = b"-" * 16
+_NO_NOTIFY = ("", b"")
+
+
+class RedisClusterL2:
+    """An :class:`~hybridinval.L2Store` on a Redis Cluster (``connect()`` makes the
+    ``RedisCluster`` client, again after fork)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], redis.cluster.RedisCluster],
+        namespace: str | Keyspace,
+        *,
+        version_ttl: float = 600.0,
+        buckets: int = DEFAULT_BUCKETS,
+    ) -> None:
+        if version_ttl <= 0:
+            raise ValueError(f"version_ttl must be > 0, got {version_ttl!r}")
+        if type(buckets) is not int or not 1 <= buckets <= 16384:
+            raise ValueError(f"buckets must be an int in 1..16384, got {buckets!r}")
+        self._connect = connect
+        self._client: redis.cluster.RedisCluster | None = None  # connected on first use
+        self.keyspace = namespace if isinstance(namespace, Keyspace) else Keyspace(namespace)
+        self.version_ttl = version_ttl
+        self.buckets = buckets
+        self.endpoint = ("cluster", self.keyspace.namespace, id(self))
+        self.reconnects = 0
+        self.async_connect = None
+        self._version_ttl_ms = str(_ms(version_ttl))
+        self._incarnation_ttl_ms = _ms(2 * version_ttl)
+        namespace_name = self.keyspace.namespace
+        self._tags = [f"hi:{{{namespace_name}:{b}}}:" for b in range(buckets)]
+        self._sources = {"invalidate": _INVALIDATE, "set": _SET, "cas_set": _CAS_SET}
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def client(self) -> redis.cluster.RedisCluster:
+        """The cluster client, made on first use (discovering the cluster is network I/O,
+        which neither a cache's construction nor a forked child's reset may do)."""
+        client = self._client
+        if client is None:
+            try:
+                client = self._client = self._connect()
+            except RedisError as exc:
+                raise BackendUnavailableError(f"Redis Cluster unreachable: {exc}") from exc
+            self._scripts = {n: client.register_script(src) for n, src in self._sources.items()}
+        return client
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def bucket(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.buckets
+
+    def names(self, key: str) -> tuple[str, str]:
+        """The value key and the version key of ``key`` (one slot)."""
+        tag = self._tags[self.bucket(key)]
+        return tag + "d:" + key, tag + "v:" + key
+
+    def channel(self, bucket: int) -> str:
+        """The sharded channel of ``bucket`` (the slot of its keys)."""
+        return self._tags[bucket] + "inval"
+
+    # -- the L2Store protocol ------------------------------------------------------------------
+
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.client  # noqa: B018 - connects, registers the scripts
+        return self._scripts[name](keys=keys, args=args)
+
+    def get(self, key: str) -> tuple[bytes | None, bytes | None]:
+        try:
+            stored = self.client.get(self.names(key)[0])
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
+        return split_stored(stored)  # type: ignore[arg-type]
+
+    def get_for_fill(self, key: str) -> tuple[bytes | None, bytes]:
+        try:
+            found: Any = self.client.mget(self.names(key))  # one slot: atomic
+            stored, version = found
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
+        return split_for_fill(stored, version)
+
+    def cas_set(self, key: str, payload: bytes, ttl: float, version: bytes) -> bool:
+        try:
+            stored = self._eval(
+                "cas_set", self.names(key), (version, (version or _NO_VERSION) + payload, _ms(ttl))
+            )
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
+        return bool(stored)
+
+    def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
+        if notify is not None:
+            raise ValueError("RedisClusterL2 publishes nothing: use a transport's publish()")
+        channel, message = _NO_NOTIFY
+        version = new_version()
+        try:
+            self._eval(
+                "set",
+                self.names(key),
+                (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
+            )
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
+        return version
+
+    def invalidate_many(self, keys: Sequence[str], notify: Notify = None) -> None:
+        if notify is not None:
+            raise ValueError("RedisClusterL2 publishes nothing: use a transport's publish()")
+        by_bucket: dict[int, list[str]] = defaultdict(list)
+        for key in keys:
+            by_bucket[self.bucket(key)].append(key)
+        try:
+            client: Any = self.client  # redis-py's cluster API is partly untyped
+            pipe = client.pipeline()
+            script = self._scripts["invalidate"]
+            for members in by_bucket.values():
+                names = [self.names(k) for k in members]
+                redis_keys = [data for data, _ in names] + [version for _, version in names]
+                pipe.evalsha(
+                    script.sha,
+                    len(redis_keys),
+                    *redis_keys,
+                    new_version(),
+                    self._version_ttl_ms,
+                    "",
+                    b"",
+                )
+            pipe.execute()
+        except redis.exceptions.NoScriptError:
+            try:
+                for members in by_bucket.values():  # a node lost its scripts: load, retry
+                    names = [self.names(k) for k in members]
+                    self._eval(
+                        "invalidate",
+                        [d for d, _ in names] + [v for _, v in names],
+                        (new_version(), self._version_ttl_ms, "", b""),
+                    )
+            except RedisError as exc:
+                raise BackendUnavailableError(f"L2 invalidation failed: {exc}") from exc
+        except RedisError as exc:
+            raise BackendUnavailableError(
+                f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
+            ) from exc
+
+    def versions(self, keys: Sequence[str]) -> list[bytes]:
+        try:
+            found = self.client.mget_nonatomic([self.names(k)[1] for k in keys])
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 version read failed: {exc}") from exc
+        return [v or b"" for v in found]
+
+    def incarnation(self) -> str:
+        # Any node restarted or failed over, or the namespace's marker flushed: versions may
+        # have been lost somewhere.
+        marker = self._tags[0] + "incarnation"
+        try:
+            self.client.set(marker, new_version(), nx=True, px=self._incarnation_ttl_ms)
+            self.client.pexpire(marker, self._incarnation_ttl_ms)
+            token = self.client.get(marker)
+            infos = self.client.info("server", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        except RedisError as exc:
+            raise BackendUnavailableError(f"L2 incarnation read failed: {exc}") from exc
+        run_ids = sorted(
+            str(info.get("run_id", "")) for info in infos.values() if isinstance(info, dict)
+        )
+        return f"{','.join(run_ids)}:{token!r}"
+
+    def reconnect(self) -> None:
+        self.reconnects += 1
+        if self._client is None:
+            return
+        client: Any = self._client
+        for node in client.get_nodes():
+            connection = node.redis_connection
+            if connection is not None:
+                connection.connection_pool.disconnect(inuse_connections=False)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def reset_after_fork(self) -> None:
+        self._client = None  # the parent's sockets: forgotten, not closed

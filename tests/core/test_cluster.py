@@ -1,0 +1,172 @@
+"""``redis+cluster://``: L2 on a real Redis Cluster (3 masters, a replica each), the backplane on
+the cluster's Pub/Sub, through a master killed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.cluster
+from support.cluster import LocalCluster
+from support.inspect import entries
+from support.waiting import wait_until
+
+from hybridinval import AsyncHybridCache, HybridCache
+from hybridinval._l2_cluster import RedisClusterL2
+from hybridinval.testing import L2StoreContract
+
+pytestmark = pytest.mark.slow  # a cluster takes seconds to form
+
+FAST: dict[str, Any] = {
+    "health_check_interval": 0.2,
+    "health_check_timeout": 0.3,
+    "socket_timeout": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(masters=3, replicas=1) as started:
+        yield started
+
+
+def cluster_url(cluster: LocalCluster) -> str:
+    return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in cluster.nodes[:3])
+
+
+class TestRedisClusterL2(L2StoreContract):
+    publishes_notify = False  # the transport publishes (after the writes)
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+
+    def make_store(self) -> RedisClusterL2:
+        node = self.cluster.nodes[0]
+        return RedisClusterL2(
+            lambda: redis.cluster.RedisCluster(host=node.host, port=node.port, protocol=2),
+            f"contract-{uuid.uuid4().hex[:8]}",
+            version_ttl=60.0,
+        )
+
+
+@pytest.fixture
+def make_cache(cluster: LocalCluster, namespace: str) -> Iterator[Callable[..., HybridCache]]:
+    caches: list[HybridCache] = []
+
+    def make(**options: Any) -> HybridCache:
+        cache = HybridCache.from_url(
+            cluster_url(cluster), namespace=namespace, **{**FAST, **options}
+        )
+        caches.append(cache)
+        assert cache.wait_until_subscribed(10)
+        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
+        return cache
+
+    yield make
+    for cache in caches:
+        cache.close()
+
+
+def test_a_batch_invalidation_is_one_script_per_bucket_across_the_nodes(
+    make_cache: Callable[..., HybridCache],
+) -> None:
+    a, b = make_cache(), make_cache()
+    l2: Any = a.l2
+    keys = [f"user:{i}" for i in range(500)]
+    for key in keys[:50]:
+        b.get_or_set(key, lambda key=key: key)
+    scripts: list[int] = []
+    real = l2.client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real(*args, **kwargs)
+        queued = [0]
+        evalsha, execute = pipe.evalsha, pipe.execute
+
+        def queue(*a: Any, **k: Any) -> Any:
+            queued[0] += 1
+            return evalsha(*a, **k)
+
+        def counted(*a: Any, **k: Any) -> Any:
+            scripts.append(queued[0])
+            return execute(*a, **k)
+
+        pipe.evalsha, pipe.execute = queue, counted
+        return pipe
+
+    l2.client.pipeline = counting_pipeline
+    a.invalidate_many(keys)
+    assert scripts == [len({l2.bucket(k) for k in keys})]  # one pipeline, a script per bucket
+    slots = {l2.client.keyslot(l2.names(k)[0]) for k in keys}
+    assert len(slots) == len({l2.bucket(k) for k in keys})
+    wait_until(lambda: not entries(b), what="b evicts all 50 (one message)")
+    assert b.stats()["invalidations_received"] == 1
+    assert all(b.get(k) is None for k in keys[:50])
+
+
+def test_fill_guard_and_cas_hold_on_the_cluster(make_cache: Callable[..., HybridCache]) -> None:
+    a, b = make_cache(), make_cache()
+    assert a.get_or_set("k", lambda: "v1") == "v1"
+    assert b.get("k") == "v1"  # from L2
+    a.set("k", "v2")
+    wait_until(lambda: "k" not in entries(b), what="b evicts")
+    assert b.get("k") == "v2"
+
+
+def test_the_asyncio_cache_on_the_cluster(cluster: LocalCluster, namespace: str) -> None:
+    async def main() -> None:
+        async with AsyncHybridCache.from_url(
+            cluster_url(cluster), namespace=namespace, **FAST
+        ) as cache:
+            assert await cache.wait_until_subscribed(10)
+            await cache.set("k", [1, 2])
+            cache.clear_local()
+            assert await cache.get("k") == [1, 2]
+            await cache.invalidate("k")
+            assert await cache.get("k") is None
+
+    asyncio.run(main())
+
+
+def test_a_killed_master_is_a_blind_period_and_a_new_incarnation(
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster
+) -> None:
+    """Kill the master a reader's subscription or data lives on: caches go blind (or keep
+    going, if their subscriber's node survived), nothing set aside survives a changed set of
+    masters, and reads and invalidations work again once the replica took over. (Last in this
+    module: it uses up a replica.)"""
+    reader, writer = make_cache(), make_cache()
+    reader.get_or_set("before", lambda: "v1")
+    l2: Any = reader.l2
+    transport: Any = reader.transport
+    subscribed_port = int(transport._where().rsplit(":", 1)[1].split("/")[0])
+    victim = next(n for n in cluster.masters() if n.port == subscribed_port)
+    old_incarnation = reader._coherence._incarnation
+    victim.kill()
+    wait_until(lambda: reader.stats()["blind_periods"] >= 1, timeout=20, what="blind")
+    cluster.wait_ok(timeout=60)
+    wait_until(lambda: reader.subscribed, timeout=30, what="subscribed elsewhere")
+    wait_until(
+        lambda: reader._coherence._incarnation not in ("", old_incarnation),
+        timeout=30,
+        what="a new incarnation",
+    )
+    assert "before" not in entries(reader)
+
+    def works() -> bool:
+        try:
+            writer.set("after", "x")
+            return True
+        except Exception:
+            return False
+
+    wait_until(works, timeout=30, what="writes after the failover")
+    wait_until(lambda: writer.subscribed, timeout=30, what="writer subscribed")
+    reader.get_or_set("after2", lambda: "loaded")
+    writer.invalidate("after2")
+    wait_until(lambda: "after2" not in entries(reader), what="eviction after the failover")
+    assert l2.buckets > 1
