@@ -72,6 +72,33 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def redis_cli() -> str:
+    """``redis-cli``, with a ``redis-server`` of 7.0 or newer (the Redis Cluster tests give
+    each node its bus port, and join the nodes with redis-cli), or skip (fail in CI). The
+    embedded Redis bundled for machines without one (6.2) cannot."""
+    import re
+    import shutil
+    import subprocess
+
+    found = shutil.which("redis-cli")
+    version = subprocess.run(
+        [redis_server_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    match = re.search(r"v=(\d+)\.", version)
+    reason = None
+    if found is None:
+        reason = "redis-cli is not on PATH (Debian: apt-get install redis-tools)"
+    elif match is None or int(match.group(1)) < 7:
+        reason = f"the Redis Cluster tests need redis-server 7.0 or newer, found: {version!r}"
+    if reason is not None:
+        if _require_services():
+            pytest.fail(f"HYBRIDINVAL_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="session")
 def amqp_url() -> str:
     """An AMQP broker (RabbitMQ) for the kombu backplane, or skip (fail in CI) if none.
 

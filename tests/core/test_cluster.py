@@ -28,7 +28,7 @@ FAST: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def cluster(redis_cli: str) -> Iterator[LocalCluster]:
     with LocalCluster(masters=3, replicas=1) as started:
         yield started
 

@@ -313,7 +313,7 @@ def test_namespace_is_unique_per_test(namespace: str, redis_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_local_cluster_serves_every_slot_and_fails_over() -> None:
+def test_local_cluster_serves_every_slot_and_fails_over(redis_cli: str) -> None:
     """The cluster the scale-out tests stand on: 3 masters with a replica each, every slot
     served; killing a master (its own process) promotes its replica."""
     import redis.cluster

@@ -84,6 +84,7 @@ def test_soak_zero_stale_reads(
     elif backend == "cluster":
         from support.cluster import LocalCluster
 
+        request.getfixturevalue("redis_cli")
         cluster = request.getfixturevalue("closing")(LocalCluster(masters=3, replicas=0))
         redis_url = "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in cluster.nodes)
     engine = pg.engine()
