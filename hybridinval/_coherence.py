@@ -98,11 +98,8 @@ class Coherence:
                 local.flush_locked()
             else:
                 stats["keys_evicted_remote"] += local.l1.evict_many(message.keys)
+                # (Also drops them from what was set aside: a backlog replayed before a resume.)
                 local.cancel_locked(message.keys)
-                quarantine = local.quarantine
-                if quarantine:  # a backlog replayed after a gap (see on_resumed)
-                    for key in message.keys:
-                        quarantine.pop(key, None)
         self.lags_us.append(lag_us)
 
     def on_tick(self) -> None:
@@ -122,6 +119,7 @@ class Coherence:
             epoch = local.epoch
             if quarantine:
                 local.restoring = set(quarantine)
+                local.quarantine_unproven = True
         log.info("backplane %s: subscribed (instance %s)", self.transport.channel, self.instance_id)
         # Off the delivery thread: its Redis round trips must not hold up the messages that
         # arrive meanwhile (those cancel the keys they name through cancel_locked).
@@ -138,6 +136,13 @@ class Coherence:
         with no L2 round trip. A new epoch all the same: fills begun while blind read L2 at
         moments the replayed messages may postdate."""
         local = self.local
+        with local.lock:
+            unproven = local.quarantine_unproven
+        if unproven:
+            # Some of what is set aside dates from an earlier gap whose restore had not proven
+            # it yet (the link dropped again first): only L2 may vouch for it.
+            self.on_connected()
+            return
         now = _monotonic()
         with local.lock:
             quarantine = local.quarantine
@@ -165,8 +170,10 @@ class Coherence:
             # its whole L1 from L2 at once after a Redis restart or failover.
             quarantine = {**local.quarantine, **local.l1.snapshot()}
             since = local.quarantined_at if local.quarantine else _monotonic()
+            unproven = local.quarantine_unproven
             local.flush_locked()
             local.quarantine, local.quarantined_at = quarantine, since
+            local.quarantine_unproven = unproven
             local.stats["blind_periods"] += was_trusted
             # Last: whoever sees `subscribed` turn False (without the lock) finds L1 empty.
             local.trusted = False
@@ -207,6 +214,7 @@ class Coherence:
                 if local.epoch == epoch:  # done with the quarantine: restored or proven stale
                     local.restoring = None
                     local.quarantine = {}
+                    local.quarantine_unproven = False
 
     def _restore(self, quarantine: dict[str, Entry], since: float, epoch: int) -> None:
         """Bring back entries set aside while blind whose L2 version is unchanged.

@@ -144,6 +144,7 @@ class LocalState:
         "l1",
         "lock",
         "quarantine",
+        "quarantine_unproven",
         "quarantined_at",
         "restoring",
         "stats",
@@ -160,6 +161,9 @@ class LocalState:
         # L1 entries set aside while the backplane is blind, and the keys of a restore in
         # progress (see hybridinval._coherence).
         self.quarantine: dict[str, Entry] = {}
+        # True while the set-aside entries include some from before a gap that L2 has not yet
+        # proven unchanged (a restore pending): those may only come back through that proof.
+        self.quarantine_unproven = False
         self.quarantined_at = 0.0
         self.restoring: set[str] | None = None
         self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -193,9 +197,14 @@ class LocalState:
             self.cancel_locked(keys)
 
     def cancel_locked(self, keys: Iterable[str]) -> None:
-        if self.restoring is not None:
+        if self.restoring is not None or self.quarantine:
             keys = list(keys)
-            self.restoring.difference_update(keys)
+            if self.restoring is not None:
+                self.restoring.difference_update(keys)
+            # Entries set aside while blind: whatever invalidates a key (a message, this
+            # process's own write) must keep its old value from ever coming back.
+            for key in keys:
+                self.quarantine.pop(key, None)
         fills = self.fills
         for key in keys:
             # Popping, not just flagging: a caller arriving after the invalidation must start a
@@ -213,6 +222,7 @@ class LocalState:
         self.stats["flushes"] += 1
         if not keep_quarantine:
             self.quarantine = {}
+            self.quarantine_unproven = False
         self.restoring = None
         self.l1.clear()
         for fill in self.fills.values():

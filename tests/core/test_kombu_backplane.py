@@ -306,3 +306,56 @@ def test_the_asyncio_cache_publishes_over_the_broker_too(
     asyncio.run(main())
     wait_until(lambda: "k" not in entries(reader), what="evicted through the broker")
     assert reader.get("k") == "new"
+
+
+def test_this_process_own_write_while_blind_is_not_undone_by_the_resume(
+    make_cache_amqp: Callable[..., HybridCache],
+) -> None:
+    """Its own messages are echoes (ignored); its own write must still drop the key from what
+    was set aside, or the resume would bring back the value it overwrote."""
+    cache = make_cache_amqp()
+    cache.get_or_set("k", lambda: "v1")
+    on_blind = cache._coherence.on_blind
+    wrote: list[bool] = []
+
+    def blind_then_write(reason: str) -> None:
+        on_blind(reason)
+        if not wrote:
+            wrote.append(True)
+            cache.set("k", "v2")
+
+    cache._coherence.on_blind = blind_then_write  # type: ignore[method-assign]
+    transport: Any = cache.transport
+    transport._conn.connection.sock.shutdown(socket.SHUT_RDWR)  # the consumer's link only
+    wait_until(lambda: bool(wrote) and cache.subscribed, timeout=20, what="resumed")
+    assert cache.get("k") == "v2"
+
+
+def test_a_gap_not_yet_proven_is_not_vouched_for_by_a_later_resume(
+    make_cache_amqp: Callable[..., HybridCache], amqp_proxy: TcpProxy, amqp_url: str
+) -> None:
+    """A gap (the queue expired) leaves entries only L2 may vouch for; the link drops again
+    before that check ran, and comes back to a living queue: those entries still wait for L2."""
+    reader = make_cache_amqp(via(amqp_proxy, amqp_url), backplane_queue_expires=1.0)
+    writer = make_cache_amqp()
+    reader.get_or_set("k", lambda: "old")
+    amqp_proxy.refuse()
+    amqp_proxy.cut()
+    wait_until(lambda: not reader.subscribed, what="blind")
+    writer.set("k", "new")  # into a queue that expires: a gap
+    time.sleep(2.5)
+    incarnation = reader.l2.incarnation
+
+    def slow_incarnation() -> str:
+        time.sleep(3)  # the restore's Redis round trip, slow
+        return incarnation()
+
+    reader.l2.incarnation = slow_incarnation  # type: ignore[method-assign]
+    amqp_proxy.accept_again()
+    wait_until(lambda: reader.subscribed, timeout=20, what="subscribed after the gap")
+    amqp_proxy.refuse()
+    amqp_proxy.cut()  # before the restore proved anything
+    wait_until(lambda: not reader.subscribed, what="blind again")
+    amqp_proxy.accept_again()  # the new queue lives: a resume
+    wait_until(lambda: reader.subscribed, timeout=20, what="resubscribed")
+    assert reader.get("k") == "new"
