@@ -64,6 +64,7 @@ def _amqp_errors() -> tuple[type[BaseException], ...]:
     return (
         OSError,
         amqp.exceptions.AMQPError,
+        amqp.exceptions.MessageNacked,  # a broker that refuses a publish (reject-publish)
         KombuError,
         amqp.exceptions.RecoverableConnectionError,
     )
@@ -91,6 +92,9 @@ class KombuTransport:
             raise ValueError("queue_expires and heartbeat must be > 0, prefetch >= 1")
         self.url = url
         self.channel = channel
+        # Over TLS, decrypted frames can wait in the TLS layer where select() cannot see them:
+        # no proof of delivery, so the cache runs without the L1 lease there (and says so).
+        self.tracks_delivery = not url.startswith("amqps://")
         self.queue_expires = queue_expires
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -137,8 +141,11 @@ class KombuTransport:
                 ) from exc
 
     def _open_publisher(self) -> tuple[Any, Any]:
-        conn = self._connection(heartbeat=0)  # idle between commits: confirms catch a dead link
+        # Idle between commits, so no heartbeats: confirms catch a dead link, and every wait
+        # on its socket is bounded.
+        conn = self._connection(heartbeat=0, confirms=True)
         conn.connect()
+        conn.connection.sock.settimeout(self.publish_timeout)
         channel = conn.connection.channel()
         channel.exchange_declare(self.channel, "fanout", durable=False, auto_delete=True)
         return conn, channel
@@ -146,10 +153,9 @@ class KombuTransport:
     def _close_publisher(self) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
-            with contextlib.suppress(Exception):
-                publisher[0].release()
+            _drop(publisher[0])  # no closing handshake: the link may be dead
 
-    def _connection(self, heartbeat: float) -> Any:
+    def _connection(self, heartbeat: float, confirms: bool = False) -> Any:
         from kombu import connection
 
         make: Any = connection.Connection  # kombu is untyped
@@ -157,7 +163,7 @@ class KombuTransport:
             self.url,
             heartbeat=heartbeat,
             connect_timeout=self.connect_timeout,
-            transport_options={"confirm_publish": True},
+            transport_options={"confirm_publish": confirms},
         )
 
     # -- subscribing --------------------------------------------------------------------------
@@ -189,7 +195,7 @@ class KombuTransport:
         self._reset_process_state()
 
     def caught_up(self, timeout: float) -> float | None:
-        return self.progress.caught_up(timeout)
+        return self.progress.caught_up(timeout) if self.tracks_delivery else None
 
     def _run(self, listener: BackplaneListener) -> None:
         backoff = self._backoff_min
@@ -229,6 +235,9 @@ class KombuTransport:
         conn = self._conn = self._connection(self.heartbeat)
         conn.connect()
         raw = conn.connection
+        # Every setup step (declares, the exclusive consume, the marker) waits at most this
+        # long for the broker; the consuming loop below never waits on the socket itself.
+        raw.sock.settimeout(max(self.connect_timeout, 2 * self.heartbeat))
         channel = raw.channel()
         channel.exchange_declare(self.channel, "fanout", durable=False, auto_delete=True)
         resumed = False
@@ -322,12 +331,19 @@ class KombuTransport:
                 conn.connection.channel().queue_delete(self.queue)
                 conn.release()
                 return
-        # A broken (or silent) link: no closing handshake, which could wait forever.
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(Exception):
-            conn.collect()
+        _drop(conn)
+
+
+def _drop(conn: Any) -> None:
+    """Let a connection go without a closing handshake (which could wait forever on a dead
+    link): shut its socket down, then forget it."""
+    raw = getattr(conn, "_connection", None)
+    sock = getattr(raw, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        conn.collect()
 
 
 def _readable(sock: Any) -> bool:

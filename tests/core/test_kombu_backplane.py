@@ -359,3 +359,32 @@ def test_a_gap_not_yet_proven_is_not_vouched_for_by_a_later_resume(
     amqp_proxy.accept_again()  # the new queue lives: a resume
     wait_until(lambda: reader.subscribed, timeout=20, what="resubscribed")
     assert reader.get("k") == "new"
+
+
+def test_a_publish_into_a_silent_link_fails_instead_of_hanging(
+    transports: Callable[..., KombuTransport], amqp_proxy: TcpProxy, amqp_url: str
+) -> None:
+    """The confirm never comes and neither does the close handshake: the publish must give up
+    (BackendUnavailableError, so the cache's retry takes over) and leave the lock free."""
+    import threading
+
+    from hybridinval import BackendUnavailableError
+
+    sender = transports(via(amqp_proxy, amqp_url), publish_timeout=0.5)
+    sender.publish(b"opens the publisher connection")
+    amqp_proxy.blackhole()
+    outcome: list[BaseException | None] = []
+
+    def publish() -> None:
+        try:
+            sender.publish(b"into the void")
+            outcome.append(None)
+        except BackendUnavailableError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "publish hung on a silent link"
+    assert isinstance(outcome[0], BackendUnavailableError)
+    assert not sender._publish_lock.locked()
