@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 import redis.cluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ._l2 import (
     _CAS_SET,
@@ -40,6 +40,9 @@ from .keyspace import Keyspace
 __all__ = ["DEFAULT_BUCKETS", "RedisClusterL2"]
 
 DEFAULT_BUCKETS = 64
+
+# redis-py's cluster failures (no node reachable, slots uncovered) are not RedisErrors.
+_ERRORS = (RedisError, RedisClusterException)
 
 _NO_VERSION = b"-" * 16
 _NO_NOTIFY = ("", b"")
@@ -84,7 +87,7 @@ class RedisClusterL2:
         if client is None:
             try:
                 client = self._client = self._connect()
-            except RedisError as exc:
+            except _ERRORS as exc:
                 raise BackendUnavailableError(f"Redis Cluster unreachable: {exc}") from exc
             self._scripts = {n: client.register_script(src) for n, src in self._sources.items()}
         return client
@@ -112,7 +115,7 @@ class RedisClusterL2:
     def get(self, key: str) -> tuple[bytes | None, bytes | None]:
         try:
             stored = self.client.get(self.names(key)[0])
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
         return split_stored(stored)  # type: ignore[arg-type]
 
@@ -120,7 +123,7 @@ class RedisClusterL2:
         try:
             found: Any = self.client.mget(self.names(key))  # one slot: atomic
             stored, version = found
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 read of {key!r} failed: {exc}") from exc
         return split_for_fill(stored, version)
 
@@ -129,7 +132,7 @@ class RedisClusterL2:
             stored = self._eval(
                 "cas_set", self.names(key), (version, (version or _NO_VERSION) + payload, _ms(ttl))
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 write of {key!r} failed: {exc}") from exc
         return bool(stored)
 
@@ -144,7 +147,7 @@ class RedisClusterL2:
                 self.names(key),
                 (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
         return version
 
@@ -180,9 +183,9 @@ class RedisClusterL2:
                         [d for d, _ in names] + [v for _, v in names],
                         (new_version(), self._version_ttl_ms, "", b""),
                     )
-            except RedisError as exc:
+            except _ERRORS as exc:
                 raise BackendUnavailableError(f"L2 invalidation failed: {exc}") from exc
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(
                 f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
             ) from exc
@@ -190,7 +193,7 @@ class RedisClusterL2:
     def versions(self, keys: Sequence[str]) -> list[bytes]:
         try:
             found = self.client.mget_nonatomic([self.names(k)[1] for k in keys])
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 version read failed: {exc}") from exc
         return [v or b"" for v in found]
 
@@ -203,7 +206,7 @@ class RedisClusterL2:
             self.client.pexpire(marker, self._incarnation_ttl_ms)
             token = self.client.get(marker)
             infos = self.client.info("server", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 incarnation read failed: {exc}") from exc
         run_ids = sorted(
             str(info.get("run_id", "")) for info in infos.values() if isinstance(info, dict)

@@ -106,13 +106,15 @@ class RedisPubSubTransport:
         return None
 
     def publish(self, message: bytes) -> None:
-        if self._publisher is None:
-            self._publisher = redis.Redis.from_url(self._where(), **self._options)
+        publisher = self._publisher
         try:
-            self._publisher.publish(self.channel, message)
-        except RedisError as exc:
-            if self._locate is not None:  # the master may have moved: ask again next time
-                self._publisher.close()
+            if publisher is None:
+                publisher = self._publisher = redis.Redis.from_url(self._where(), **self._options)
+            publisher.publish(self.channel, message)
+        except (RedisError, OSError) as exc:
+            # The master (or node) may have moved: ask again next time. Another thread may be
+            # using this client right now: it is dropped, not closed.
+            if self._locate is not None and publisher is not None and self._publisher is publisher:
                 self._publisher = None
             raise BackendUnavailableError(f"publish on {self.channel!r} failed: {exc}") from exc
 

@@ -170,3 +170,18 @@ def test_a_killed_master_is_a_blind_period_and_a_new_incarnation(
     writer.invalidate("after2")
     wait_until(lambda: "after2" not in entries(reader), what="eviction after the failover")
     assert l2.buckets > 1
+
+
+def test_an_unreachable_cluster_is_a_backend_failure_like_any_other(namespace: str) -> None:
+    """redis-py's cluster errors are not RedisErrors: they must still read as "Redis is down"
+    (reads fall back to the loader, a committed publish goes to the retry), never escape."""
+    cache = HybridCache.from_url(
+        "redis+cluster://127.0.0.1:1", namespace=namespace, socket_timeout=0.3
+    )
+    try:
+        assert cache.get_or_set("k", lambda: "loaded") == "loaded"
+        assert cache.stats()["l2_errors"] >= 1
+        assert cache.invalidate_committed(["k"]) is False
+        assert cache.pending_retries() == 1
+    finally:
+        cache.close()
