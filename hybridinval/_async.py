@@ -116,6 +116,7 @@ class AsyncHybridCache:
         self.l2 = async_l2
         # Hits the C paths count themselves; these are the others (count_hits only).
         self._python_hits = 0
+        self._unfinished: set[asyncio.Future[Any]] = set()  # writes a cancelled caller left
         self._bind()
         # After fork, once the blocking cache has made its new process state.
         sync._follow_fork(self._after_fork_in_child)
@@ -317,6 +318,7 @@ class AsyncHybridCache:
                 if value is not MISSING:
                     return value
                 if leads:
+                    fill.loop = asyncio.get_running_loop()
                     break
                 waiting = fill.add_waiter_locked()
             self._stats["single_flight_waits"] += 1
@@ -375,8 +377,11 @@ class AsyncHybridCache:
         """Store ``value`` in L2 under a new version and evict ``key`` from every other L1.
 
         Raises :class:`BackendUnavailableError` if Redis fails (this process's L1 entry for
-        ``key`` is evicted either way).
+        ``key`` is evicted either way). Once begun it finishes, as :meth:`invalidate` does.
         """
+        await self._finish(self._set(key, value, ttl))
+
+    async def _set(self, key: str, value: Any, ttl: float | None) -> None:
         sync = self.sync
         sync._check_key(key)
         payload = sync._dumps(key, value)
@@ -395,13 +400,22 @@ class AsyncHybridCache:
         sync._was_set(key, value, ttl, version)
 
     async def invalidate(self, *keys: str) -> None:
-        """Delete ``keys`` from L2 and evict them from every process's L1 (one round trip)."""
-        await self._send_invalidation(self.sync._checked_batch(keys))
+        """Delete ``keys`` from L2 and evict them from every process's L1 (one round trip).
+        Once begun it finishes: a caller cancelled meanwhile stops waiting, and the writes
+        and the message still go out together (half of them would leave others stale)."""
+        await self._finish(self._send_invalidation(self.sync._checked_batch(keys)))
 
     async def invalidate_many(self, keys: Iterable[str]) -> None:
         """Like :meth:`invalidate`, for any iterable of keys; as
         :meth:`HybridCache.invalidate_many <hybridinval.HybridCache.invalidate_many>`."""
-        await self._send_invalidation(self.sync._checked_batch(keys))
+        await self._finish(self._send_invalidation(self.sync._checked_batch(keys)))
+
+    async def _finish(self, operation: Awaitable[T]) -> T:
+        """Await ``operation`` in a task of its own that a cancelled caller does not cancel."""
+        task = asyncio.ensure_future(operation)
+        self._unfinished.add(task)
+        task.add_done_callback(self._unfinished.discard)
+        return await asyncio.shield(task)
 
     async def invalidate_committed(
         self, keys: Iterable[str], *, on_published: Callable[[], object] | None = None

@@ -63,7 +63,7 @@ class Fill:
     so every registered waiter is woken.
     """
 
-    __slots__ = ("_done", "_waiters", "cancelled", "epoch", "error", "value")
+    __slots__ = ("_done", "_waiters", "cancelled", "epoch", "error", "loop", "value")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
@@ -74,6 +74,7 @@ class Fill:
         self._done = threading.Lock()
         self._done.acquire()
         self._waiters: list[asyncio.Future[None]] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # of a coroutine that leads it
 
     def finish(self) -> None:
         self._done.release()
@@ -83,6 +84,13 @@ class Fill:
                 _wake(future)
 
     def wait(self) -> Any:
+        loop = self.loop
+        if loop is not None and asyncio._get_running_loop() is loop and self._done.locked():
+            # Blocking here would stop the very loop whose coroutine is loading the key.
+            raise RuntimeError(
+                "a blocking read on the event loop that is loading this key would never "
+                "return: use the asyncio cache's await cache.get(...) on the loop"
+            )
         with self._done:  # each waiter passes the released lock on to the next
             pass
         return self._outcome()

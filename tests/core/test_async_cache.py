@@ -574,3 +574,62 @@ def test_a_loop_never_gets_another_loops_client(make_async: AsyncFactory) -> Non
         resume.set()
         loop_b.run_until_complete(store.aclose())
         loop_b.close()
+
+
+def test_a_cancelled_invalidate_still_finishes(
+    make_async: AsyncFactory, make_cache: Callable[..., HybridCache]
+) -> None:
+    """The caller stops waiting; the L2 writes and the message still go out together (with a
+    transport that publishes after the writes, half of them would leave others stale)."""
+    cache = make_async()
+    other = make_cache()
+    other.get_or_set("k", lambda: "old")
+    real = cache.l2
+
+    class Held:
+        release = threading.Event()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def invalidate_many(self, *args: Any) -> None:
+            await asyncio.to_thread(self.release.wait, 10)
+            await real.invalidate_many(*args)
+
+    held = Held()
+    cache.l2 = held
+
+    async def main() -> None:
+        task = asyncio.create_task(cache.invalidate("k"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        held.release.set()
+        await asyncio.to_thread(
+            wait_until, lambda: "k" not in entries(other), what="the invalidation went out"
+        )
+
+    asyncio.run(main())
+
+
+def test_a_blocking_read_on_the_loop_that_loads_the_key_fails_instead_of_hanging(
+    make_async: AsyncFactory,
+) -> None:
+    cache = make_async()
+
+    async def main() -> None:
+        loading = asyncio.Event()
+
+        async def load() -> str:
+            loading.set()
+            await asyncio.sleep(0.2)
+            return "v"
+
+        leader = asyncio.create_task(cache.get_or_set("k", load))
+        await loading.wait()
+        with pytest.raises(RuntimeError, match="await"):
+            cache.sync.get("k")  # on the very loop that is loading "k"
+        assert await leader == "v"
+
+    asyncio.run(main())
