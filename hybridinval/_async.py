@@ -497,10 +497,8 @@ class AsyncHybridCache:
 
     @property
     def accelerated(self) -> bool:
-        """True when ``get_local`` hits are answered in C."""
-        return (
-            isinstance(self.get_local, _hitpath._speedups.HitPath) if _hitpath._speedups else False
-        )
+        """True when L1 hits are answered in C (``hybridinval._speedups``)."""
+        return bool(self._c_paths)
 
     async def aclose(self) -> None:
         """Stop the subscriber and release every connection, without blocking the loop."""

@@ -27,6 +27,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ._l2 import (
     _CAS_SET,
     _INVALIDATE,
+    _NO_VERSION,
     _SET,
     Notify,
     _ms,
@@ -43,9 +44,6 @@ DEFAULT_BUCKETS = 64
 
 # redis-py's cluster failures (no node reachable, slots uncovered) are not RedisErrors.
 _ERRORS = (RedisError, RedisClusterException)
-
-_NO_VERSION = b"-" * 16
-_NO_NOTIFY = ("", b"")
 
 
 class RedisClusterL2:
@@ -139,13 +137,12 @@ class RedisClusterL2:
     def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
         if notify is not None:
             raise ValueError("RedisClusterL2 publishes nothing: use a transport's publish()")
-        channel, message = _NO_NOTIFY
         version = new_version()
         try:
             self._eval(
                 "set",
                 self.names(key),
-                (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
+                (version + payload, _ms(ttl), version, self._version_ttl_ms, "", b""),
             )
         except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
