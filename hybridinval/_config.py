@@ -18,6 +18,7 @@ from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store, RedisL2, redis_client
 from ._sentinel import SCHEME as SENTINEL_SCHEME
 from ._sentinel import SentinelTarget
+from .errors import MissingExtraError
 from .keyspace import MAX_KEY_LENGTH, Keyspace, check_namespace
 from .serializers import Serializer, get_serializer
 from .transports import RedisPubSubTransport, Transport
@@ -192,8 +193,9 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[L2Store, Transport
     l2: L2Store
     locate: Callable[[], str] | None = None
     endpoint: tuple[str, str, int] | None = None
+    cluster_nodes: list[tuple[str, int]] = []
     if url.startswith(CLUSTER_SCHEME):
-        l2, url, locate, endpoint = _cluster_seams(url, keyspace, config, named)
+        l2, cluster_nodes = _cluster_seams(url, keyspace, config, named)
     elif url.startswith(SENTINEL_SCHEME):
         target = SentinelTarget.parse(url)
         options = {
@@ -230,6 +232,18 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[L2Store, Transport
             heartbeat=max(1.0, config.health_check_interval + config.health_check_timeout),
             publish_timeout=config.socket_timeout,
         )
+    elif cluster_nodes:
+        from ._l2_cluster import RedisClusterL2
+        from .transports.redis_sharded import RedisShardedPubSubTransport
+
+        assert isinstance(l2, RedisClusterL2)
+        transport = RedisShardedPubSubTransport(
+            l2,
+            cluster_nodes,
+            health_check_interval=config.health_check_interval,
+            health_check_timeout=config.health_check_timeout,
+            connection_options=named,
+        )
     else:
         transport = RedisPubSubTransport(
             url,
@@ -248,16 +262,17 @@ CLUSTER_SCHEME = "redis+cluster://"
 
 def _cluster_seams(
     url: str, keyspace: Keyspace, config: CacheConfig, named: dict[str, Any]
-) -> tuple[L2Store, str, Callable[[], str], tuple[str, str, int]]:
+) -> tuple[L2Store, list[tuple[str, int]]]:
     """A Redis Cluster (``redis+cluster://host:port[,host:port...]``): L2 on every node
-    (:class:`~hybridinval._l2_cluster.RedisClusterL2`), and the backplane on classic Pub/Sub,
-    which a cluster carries to every node: the subscriber listens on any node that answers (a
-    failover of that node is a blind period), and messages follow the L2 writes."""
+    (:class:`~hybridinval._l2_cluster.RedisClusterL2`) and the nodes to discover it from; the
+    backplane is sharded Pub/Sub (:mod:`hybridinval.transports.redis_sharded`)."""
     import redis
     from redis.cluster import ClusterNode, RedisCluster
 
     from ._l2_cluster import RedisClusterL2
 
+    if _version_tuple(redis.__version__) < MIN_REDIS_PY_FOR_CLUSTER:
+        raise MissingExtraError("cluster", f"a Redis Cluster ({url!r})", "redis>=8.1")
     nodes = []
     for host_port in filter(None, url[len(CLUSTER_SCHEME) :].split("/")[0].split(",")):
         host, _, port = host_port.rpartition(":")
@@ -276,22 +291,17 @@ def _cluster_seams(
             **named,
         )
 
-    l2 = RedisClusterL2(connect, keyspace, version_ttl=config.version_ttl)
+    return RedisClusterL2(connect, keyspace, version_ttl=config.version_ttl), nodes
 
-    def locate() -> str:
-        """A node that answers: the configured ones first, then any the cluster knows of."""
-        candidates = list(nodes)
-        known: Any = l2._client
-        if known is not None:
-            candidates += [(n.host, n.port) for n in known.get_nodes()]
-        for host, port in dict.fromkeys(candidates):
-            try:
-                with redis.Redis(host=host, port=port, socket_timeout=0.5) as probe:
-                    probe.ping()
-            except redis.RedisError:
-                continue
-            return f"redis://{host}:{port}/0"
-        raise redis.ConnectionError(f"no node of {url!r} answers")
 
-    first = f"redis://{nodes[0][0]}:{nodes[0][1]}/0"
-    return l2, first, locate, ("cluster", url, 0)
+# Sharded Pub/Sub in redis-py's cluster client follows slot moves and resubscribes after a
+# reconnect only from 8.1 (#4038, #4044).
+MIN_REDIS_PY_FOR_CLUSTER = (8, 1)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)

@@ -8,9 +8,24 @@ is one script call per bucket it touches, all of them pipelined: redis-py sends 
 calls in one write and reads the replies after, so the round trips to the nodes overlap.
 
 Buckets rather than a hash tag per key: a fixed, small set of slots is what lets a bucket's
-backplane channel (sharded Pub/Sub) live in the same slot as its keys, so that the script that
-deletes them can also publish their message. Every process of a namespace must use the same
-number of buckets.
+backplane channel (sharded Pub/Sub, ``hi:{<namespace>:<bucket>}:inval``) live in the same slot as
+its keys, so that the script that deletes them also publishes their message (``SPUBLISH`` of the
+part of the message that names that bucket's keys): a process that hears it reads the new state,
+and the messages spread over the shards. Every process of a namespace must use the same number
+of buckets.
+
+**The subscription fence.** A sharded message reaches only the subscribers of the node that
+published it, and a slot can move (a migration, a failover) before its subscribers learn of it.
+So each bucket has an *anchor* key, ``hi:{<namespace>:<bucket>}:subscribed``, holding the id of the
+node its subscribers registered on (they set it just before ``SSUBSCRIBE``; see
+:mod:`hybridinval.transports.redis_sharded`). A script that is to publish first compares the
+anchor with ``CLUSTER MYID`` and, on another node, refuses with ``TRYAGAIN`` before writing
+anything: the anchor travels with the slot, so the node a slot moved to (or a promoted replica)
+publishes nothing until a subscriber has registered there, and the writer retries (a committed
+invalidation goes to the background retry). The anchor is one of the script's keys, so that a
+migrating slot sends the script to the node that holds it. Anchors have no TTL: a
+``maxmemory-policy`` of ``allkeys-*`` may evict them, which reopens the window (use a
+``volatile-*`` policy).
 """
 
 from __future__ import annotations
@@ -26,21 +41,53 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from ._l2 import (
     _CAS_SET,
-    _INVALIDATE,
     _NO_VERSION,
-    _SET,
     Notify,
     _ms,
     new_version,
     split_for_fill,
     split_stored,
 )
+from ._message import with_keys
 from .errors import BackendUnavailableError
 from .keyspace import Keyspace
 
 __all__ = ["DEFAULT_BUCKETS", "RedisClusterL2"]
 
 DEFAULT_BUCKETS = 64
+
+# The fence (see above), then RedisL2's scripts with the anchor as the last key and SPUBLISH.
+_FENCE = """
+if ARGV[#ARGV - 1] ~= '' then
+  local anchor = redis.call('GET', KEYS[#KEYS])
+  if anchor and anchor ~= redis.call('CLUSTER', 'MYID') then
+    return redis.error_reply('TRYAGAIN the subscribers of this bucket registered on another node')
+  end
+end
+"""
+
+_INVALIDATE = (
+    _FENCE
+    + """
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  redis.call('DEL', KEYS[i])
+  redis.call('SET', KEYS[n + i], ARGV[1], 'PX', ARGV[2])
+end
+if ARGV[3] ~= '' then redis.call('SPUBLISH', ARGV[3], ARGV[4]) end
+return n
+"""
+)
+
+_SET = (
+    _FENCE
+    + """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+if ARGV[5] ~= '' then redis.call('SPUBLISH', ARGV[5], ARGV[6]) end
+return 1
+"""
+)
 
 # redis-py's cluster failures (no node reachable, slots uncovered) are not RedisErrors.
 _ERRORS = (RedisError, RedisClusterException)
@@ -104,6 +151,15 @@ class RedisClusterL2:
         """The sharded channel of ``bucket`` (the slot of its keys)."""
         return self._tags[bucket] + "inval"
 
+    def anchor(self, bucket: int) -> str:
+        """The key naming the node ``bucket``'s subscribers registered on (the fence)."""
+        return self._tags[bucket] + "subscribed"
+
+    @property
+    def channels(self) -> str:
+        """The channel layout, for the logs (one channel per bucket)."""
+        return self._tags[0].replace(":0}", ":*}") + "inval"
+
     # -- the L2Store protocol ------------------------------------------------------------------
 
     def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -135,57 +191,63 @@ class RedisClusterL2:
         return bool(stored)
 
     def set(self, key: str, payload: bytes, ttl: float, notify: Notify = None) -> bytes:
-        if notify is not None:
-            raise ValueError("RedisClusterL2 publishes nothing: use a transport's publish()")
+        """As :meth:`L2Store.set`; ``notify``'s message goes out on the key's bucket channel
+        (its channel part only says that the script publishes)."""
         version = new_version()
+        bucket = self.bucket(key)
+        channel, message = (self.channel(bucket), notify[1]) if notify else ("", b"")
         try:
             self._eval(
                 "set",
-                self.names(key),
-                (version + payload, _ms(ttl), version, self._version_ttl_ms, "", b""),
+                (*self.names(key), self.anchor(bucket)),
+                (version + payload, _ms(ttl), version, self._version_ttl_ms, channel, message),
             )
         except _ERRORS as exc:
             raise BackendUnavailableError(f"L2 set of {key!r} failed: {exc}") from exc
         return version
 
     def invalidate_many(self, keys: Sequence[str], notify: Notify = None) -> None:
-        if notify is not None:
-            raise ValueError("RedisClusterL2 publishes nothing: use a transport's publish()")
+        """As :meth:`L2Store.invalidate_many`: one script per bucket, all pipelined. With
+        ``notify``, each script publishes on its bucket's channel the part of the message that
+        names that bucket's keys."""
         by_bucket: dict[int, list[str]] = defaultdict(list)
         for key in keys:
             by_bucket[self.bucket(key)].append(key)
+        calls = []
+        for bucket, members in by_bucket.items():
+            names = [self.names(k) for k in members]
+            redis_keys = [d for d, _ in names] + [v for _, v in names] + [self.anchor(bucket)]
+            if notify is None:
+                channel, message = "", b""
+            elif len(by_bucket) == 1:
+                channel, message = self.channel(bucket), notify[1]
+            else:
+                channel, message = self.channel(bucket), with_keys(notify[1], members)
+            calls.append((redis_keys, (new_version(), self._version_ttl_ms, channel, message)))
         try:
+            if len(calls) == 1:
+                self._eval("invalidate", *calls[0])
+                return
             client: Any = self.client  # redis-py's cluster API is partly untyped
             pipe = client.pipeline()
-            script = self._scripts["invalidate"]
-            for members in by_bucket.values():
-                names = [self.names(k) for k in members]
-                redis_keys = [data for data, _ in names] + [version for _, version in names]
-                pipe.evalsha(
-                    script.sha,
-                    len(redis_keys),
-                    *redis_keys,
-                    new_version(),
-                    self._version_ttl_ms,
-                    "",
-                    b"",
-                )
+            sha = self._scripts["invalidate"].sha
+            for redis_keys, args in calls:
+                pipe.evalsha(sha, len(redis_keys), *redis_keys, *args)
             pipe.execute()
-        except redis.exceptions.NoScriptError:
-            try:
-                for members in by_bucket.values():  # a node lost its scripts: load, retry
-                    names = [self.names(k) for k in members]
-                    self._eval(
-                        "invalidate",
-                        [d for d, _ in names] + [v for _, v in names],
-                        (new_version(), self._version_ttl_ms, "", b""),
-                    )
-            except _ERRORS as exc:
-                raise BackendUnavailableError(f"L2 invalidation failed: {exc}") from exc
-        except _ERRORS as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BackendUnavailableError(
                 f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
             ) from exc
+        except _ERRORS:
+            # A node lost its scripts, or a slot is moving (redis-py's pipeline gives up on a
+            # redirection the single call follows): each bucket again, alone. Idempotent.
+            try:
+                for redis_keys, args in calls:
+                    self._eval("invalidate", redis_keys, args)
+            except _ERRORS as exc:
+                raise BackendUnavailableError(
+                    f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
+                ) from exc
 
     def versions(self, keys: Sequence[str]) -> list[bytes]:
         try:

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "MalformedMessage", "Message", "decode_message", "encode_message"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "MalformedMessage",
+    "Message",
+    "decode_message",
+    "encode_message",
+    "with_keys",
+]
 
 SCHEMA_VERSION = 1
 
@@ -38,6 +45,15 @@ def encode_message(sender: str, seq: int, keys: Sequence[str], *, flush: bool = 
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "i": sender, "s": seq, "t": time.time_ns()}
     if flush:
         body["f"] = 1
+    body["k"] = list(keys)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def with_keys(payload: bytes, keys: Sequence[str]) -> bytes:
+    """``payload`` (a message this process encoded) naming ``keys`` instead: the part of one
+    invalidation that a store sends where only some of its keys live (sender, sequence number
+    and send time unchanged)."""
+    body = json.loads(payload)
     body["k"] = list(keys)
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 

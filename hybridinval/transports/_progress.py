@@ -1,8 +1,9 @@
-"""Delivery progress of a subscriber that reads one socket: what ``Transport.caught_up`` reads.
+"""Delivery progress of a subscriber thread that reads its sockets (one per server it
+subscribes on): what ``Transport.caught_up`` reads.
 
-The subscriber sets :attr:`DeliveryProgress.busy` before it may read from the socket and calls
+The subscriber sets :attr:`DeliveryProgress.busy` before it may read from a socket and calls
 :meth:`DeliveryProgress.idle` only once everything it read has been handed to the listener, so
-"not busy and nothing readable" proves that every byte that reached the socket so far has been
+"not busy and nothing readable" proves that every byte that reached the sockets so far has been
 applied. Readers (the L1 lease) check that without ever blocking the subscriber.
 """
 
@@ -18,18 +19,18 @@ __all__ = ["DeliveryProgress"]
 
 class DeliveryProgress:
     def __init__(self) -> None:
-        self.sock: Any = None  # the subscribed socket; None while not subscribed
+        self.socks: tuple[Any, ...] | None = None  # the subscribed sockets; None while not
         self.busy = False
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
 
-    def subscribed(self, sock: Any) -> None:
-        """Subscribed on ``sock`` (the subscriber is busy until its first :meth:`idle`)."""
+    def subscribed(self, *socks: Any) -> None:
+        """Subscribed on ``socks`` (the subscriber is busy until its first :meth:`idle`)."""
         self.busy = True
-        self.sock = sock
+        self.socks = socks
 
     def unsubscribed(self) -> None:
-        self.sock = None
+        self.socks = None
         self.idle()
 
     def idle(self) -> None:
@@ -60,13 +61,13 @@ class DeliveryProgress:
                 self._waiters -= 1
 
     def settled(self) -> bool:
-        sock = self.sock
-        if sock is None:
+        socks = self.socks
+        if socks is None:
             return True  # not subscribed: the listener is blind and keeps no L1
         if self.busy:
             return False
         try:
-            readable, _, _ = select.select((sock,), (), (), 0)
+            readable, _, _ = select.select(socks, (), (), 0)
         except (OSError, ValueError):  # closed under us: the subscriber is about to go blind
             return False
         return not readable

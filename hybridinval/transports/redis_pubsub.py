@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import select
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,14 +31,14 @@ from redis.exceptions import RedisError
 from .._l2 import L2Store, RedisL2, redis_endpoint
 from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
-from ._progress import DeliveryProgress
+from ._subscriber import SubscriberThread
 
 __all__ = ["RedisPubSubTransport"]
 
 log = logging.getLogger("hybridinval.backplane")
 
 
-class RedisPubSubTransport:
+class RedisPubSubTransport(SubscriberThread):
     """Redis Pub/Sub with health-checked subscription and loud blindness.
 
     ``channel`` is the namespace's (``Keyspace(namespace).channel``). ``health_check_interval``:
@@ -84,16 +82,8 @@ class RedisPubSubTransport:
         options.update(connection_options or {})
         self._options = options
         self._publisher: redis.Redis | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._conn: Any = None
-        self.connects = 0
-        self._init_progress()
-
-    def _init_progress(self) -> None:
-        # What caught_up() reads: the subscribed connection's socket, and whether bytes may have
-        # been read from it but not yet handed to the listener (see DeliveryProgress).
-        self.progress = DeliveryProgress()
+        self._init_thread()
 
     tracks_delivery = True
 
@@ -123,73 +113,16 @@ class RedisPubSubTransport:
 
     # -- subscribing --------------------------------------------------------------------------
 
-    def start(self, listener: BackplaneListener) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._run, args=(listener,), name=f"hybridinval-sub:{self.channel}", daemon=True
-        )
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
-        self._unsubscribed()
-        conn = self._conn
-        if conn is not None:
-            conn.disconnect()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2.0)
-        self._thread = None
+        self._stop_thread()
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
 
     def reset_after_fork(self) -> None:
-        # The parent's thread does not exist here and its sockets belong to the parent: drop the
-        # references without shutting anything down (shutdown would cut the parent's connection).
-        self._thread = None
+        self._forget_thread()
         self._conn = None
         self._publisher = None
-        self._stop = threading.Event()
-        self._init_progress()
-
-    # -- delivery progress (read by reader threads) -------------------------------------------
-
-    def caught_up(self, timeout: float) -> float | None:
-        return self.progress.caught_up(timeout)
-
-    def _unsubscribed(self) -> None:
-        self.progress.unsubscribed()
-
-    def _run(self, listener: BackplaneListener) -> None:
-        backoff = self._backoff_min
-        while not self._stop.is_set():
-            connects_before = self.connects
-            try:
-                self._subscribe_and_listen(listener)
-            except Exception as exc:  # the loop must survive anything
-                if self._stop.is_set():
-                    break
-                # A connection that got subscribed counts as a success: the next loss starts
-                # the backoff afresh, so a flapping network never pushes a healthy process to
-                # the maximum wait (the blind period is what the backoff must keep short).
-                if self.connects > connects_before:
-                    backoff = self._backoff_min
-                    log.warning(
-                        "backplane %s: connection lost (%s); reconnecting", self.channel, exc
-                    )
-                else:
-                    log.debug("backplane %s: %s", self.channel, exc)
-                self._safe_call(listener.on_blind, str(exc) or type(exc).__name__)
-                self._unsubscribed()
-                self._close_conn()
-                # Full jitter keeps a fleet of processes from reconnecting in lockstep.
-                self._stop.wait(random.uniform(0, backoff))
-                backoff = min(self._backoff_max, backoff * 2)
-        self._unsubscribed()
-        self._close_conn()
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
         pool = redis.ConnectionPool.from_url(self._where(), **self._options)
@@ -244,14 +177,8 @@ class RedisPubSubTransport:
         """Block until ``sock`` has data (or EOF) or ``timeout`` passes. Reads nothing."""
         select.select((sock,), (), (), timeout)
 
-    def _close_conn(self) -> None:
+    def _close_conns(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken; nothing more to release
                 conn.disconnect()
-
-    def _safe_call(self, fn: Any, *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("backplane %s: listener %s failed", self.channel, fn.__name__)

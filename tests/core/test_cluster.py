@@ -1,5 +1,6 @@
 """``redis+cluster://``: L2 on a real Redis Cluster (3 masters, a replica each), the backplane on
-the cluster's Pub/Sub, through a master killed under load."""
+sharded Pub/Sub (a channel per bucket, published by the scripts), through a slot moved under
+the subscribers and a master killed under load."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from support.waiting import wait_until
 
 from hybridinval import AsyncHybridCache, HybridCache
 from hybridinval._l2_cluster import RedisClusterL2
-from hybridinval.testing import L2StoreContract
+from hybridinval._message import decode_message
+from hybridinval.errors import BackendUnavailableError
+from hybridinval.testing import L2StoreContract, RecordingListener, TransportContract
+from hybridinval.transports import Transport
+from hybridinval.transports.redis_sharded import RedisShardedPubSubTransport
 
 pytestmark = pytest.mark.slow  # a cluster takes seconds to form
 
@@ -38,7 +43,7 @@ def cluster_url(cluster: LocalCluster) -> str:
 
 
 class TestRedisClusterL2(L2StoreContract):
-    publishes_notify = False  # the transport publishes (after the writes)
+    publishes_notify = True  # each bucket's script publishes on its sharded channel
 
     @pytest.fixture(autouse=True)
     def _cluster(self, cluster: LocalCluster) -> None:
@@ -72,10 +77,16 @@ def make_cache(cluster: LocalCluster, namespace: str) -> Iterator[Callable[..., 
 
 
 def test_a_batch_invalidation_is_one_script_per_bucket_across_the_nodes(
-    make_cache: Callable[..., HybridCache],
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster
 ) -> None:
+    """One pipelined script per bucket; each publishes, on its bucket's sharded channel, the
+    part of the message that names the bucket's keys (one commit: one sender and sequence)."""
     a, b = make_cache(), make_cache()
     l2: Any = a.l2
+    spy = RedisShardedPubSubTransport(l2, [(n.host, n.port) for n in cluster.masters()])
+    heard = RecordingListener()
+    spy.start(heard)
+    assert heard.connected.wait(10)
     keys = [f"user:{i}" for i in range(500)]
     for key in keys[:50]:
         b.get_or_set(key, lambda key=key: key)
@@ -103,8 +114,15 @@ def test_a_batch_invalidation_is_one_script_per_bucket_across_the_nodes(
     assert scripts == [len({l2.bucket(k) for k in keys})]  # one pipeline, a script per bucket
     slots = {l2.client.keyslot(l2.names(k)[0]) for k in keys}
     assert len(slots) == len({l2.bucket(k) for k in keys})
-    wait_until(lambda: not entries(b), what="b evicts all 50 (one message)")
-    assert b.stats()["invalidations_received"] == 1
+    buckets = len({l2.bucket(k) for k in keys})
+    wait_until(lambda: not entries(b), what="b evicts all 50")
+    wait_until(lambda: len(heard.messages) == buckets, what="a message per bucket")
+    spy.stop()
+    assert b.stats()["invalidations_received"] == buckets
+    parts = [decode_message(m) for m in heard.messages]
+    assert sorted(k for part in parts for k in part.keys) == sorted(keys)
+    assert all(len({l2.bucket(k) for k in part.keys}) == 1 for part in parts)
+    assert len({(part.sender, part.seq) for part in parts}) == 1
     assert all(b.get(k) is None for k in keys[:50])
 
 
@@ -132,19 +150,97 @@ def test_the_asyncio_cache_on_the_cluster(cluster: LocalCluster, namespace: str)
     asyncio.run(main())
 
 
+class TestRedisShardedPubSubTransport(TransportContract):
+    @pytest.fixture(autouse=True)
+    def _cluster(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+
+    def make_transports(self, n: int) -> list[Transport]:
+        node = self.cluster.nodes[0]
+        l2 = RedisClusterL2(
+            lambda: redis.cluster.RedisCluster(host=node.host, port=node.port, protocol=2),
+            f"contract-{uuid.uuid4().hex[:8]}",
+        )
+        seeds = [(n.host, n.port) for n in self.cluster.nodes]
+        return [
+            RedisShardedPubSubTransport(
+                l2, seeds, health_check_interval=0.2, health_check_timeout=0.3
+            )
+            for _ in range(n)
+        ]
+
+
+def test_each_bucket_is_subscribed_on_its_master_and_the_anchors_name_it(
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster
+) -> None:
+    cache = make_cache()
+    l2: Any = cache.l2
+    ids = {cluster.node_id(node): node for node in cluster.masters()}
+    for bucket in range(l2.buckets):
+        owner = cluster.master_of_slot(l2.client.keyslot(l2.channel(bucket)))
+        with cluster.client(owner) as client:
+            anchor = client.get(l2.anchor(bucket))
+            channels: Any = client.execute_command("PUBSUB", "SHARDCHANNELS", l2.channel(bucket))
+        assert anchor is not None and ids[anchor.decode()] is owner
+        assert channels == [l2.channel(bucket).encode()]
+
+
+def test_a_slot_that_moved_publishes_nothing_until_its_subscribers_follow(
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster
+) -> None:
+    """The fence, in the middle of a migration held open: the slot's keys are on the new
+    master, while the old one (where every subscriber of the bucket listens) still owns the
+    slot, so nobody is unsubscribed, and sends writers of moved keys to the new master. A script
+    there would publish where no one listens and leave the reader's L1 stale with no blind
+    period; the anchor makes it refuse, the committed invalidation waits in the retry, and goes
+    through once the move completes (the old master unsubscribes everyone: blind) and the
+    reader registered on the new master."""
+    reader, writer = make_cache(), make_cache()
+    l2: Any = reader.l2
+    key, other = "moving", "moving-78"
+    assert l2.bucket(key) == l2.bucket(other)
+    for k in (key, other):
+        writer.set(k, "v1")  # a version key too: all the script's keys move (else TRYAGAIN)
+    wait_until(lambda: reader.stats()["invalidations_received"] == 2, what="both sets heard")
+    for k in (key, other):
+        assert reader.get_or_set(k, lambda: "?") == "v1"
+    assert key in entries(reader) and other in entries(reader)
+    slot = l2.client.keyslot(l2.names(key)[0])
+    source = cluster.master_of_slot(slot)
+    target = next(node for node in cluster.masters() if node is not source)
+    versions_before = l2.versions([key, other])
+    cluster.move_slot_keys(slot, source, target)
+    try:
+        with pytest.raises(BackendUnavailableError):  # redis-py retried the TRYAGAIN, gave up
+            writer.set(other, "v2")
+        assert writer.invalidate_committed([key]) is False
+        assert writer.pending_retries() == 1
+        assert l2.versions([key, other]) == versions_before  # refused before writing anything
+        assert reader.stats()["blind_periods"] == 0
+        assert key in entries(reader) and other in entries(reader)  # and still right
+    finally:
+        cluster.finish_slot_move(slot, target)
+    wait_until(lambda: reader.stats()["blind_periods"] == 1, what="unsubscribed: blind")
+    wait_until(lambda: writer.pending_retries() == 0, timeout=20, what="the retry went through")
+    assert l2.versions([key]) != versions_before[:1]
+    wait_until(lambda: reader.subscribed, what="resubscribed")
+    assert key not in entries(reader)
+    assert reader.get_or_set(key, lambda: "v2") == "v2"
+    writer.invalidate(key)
+    wait_until(lambda: key not in entries(reader), what="evicted via the new master")
+
+
 def test_a_killed_master_is_a_blind_period_and_a_new_incarnation(
     make_cache: Callable[..., HybridCache], cluster: LocalCluster
 ) -> None:
-    """Kill the master a reader's subscription or data lives on: caches go blind (or keep
-    going, if their subscriber's node survived), nothing set aside survives a changed set of
-    masters, and reads and invalidations work again once the replica took over. (Last in this
+    """Kill the master a key lives on: every cache goes blind (each subscribes on every
+    master), nothing set aside survives a changed set of masters, and reads and invalidations
+    work again once the replica took over and the subscribers registered there. (Last in this
     module: it uses up a replica.)"""
     reader, writer = make_cache(), make_cache()
     reader.get_or_set("before", lambda: "v1")
     l2: Any = reader.l2
-    transport: Any = reader.transport
-    subscribed_port = int(transport._where().rsplit(":", 1)[1].split("/")[0])
-    victim = next(n for n in cluster.masters() if n.port == subscribed_port)
+    victim = cluster.master_of_slot(l2.client.keyslot(l2.names("before")[0]))
     old_incarnation = reader._coherence._incarnation
     victim.kill()
     wait_until(lambda: reader.stats()["blind_periods"] >= 1, timeout=20, what="blind")

@@ -63,7 +63,9 @@ def pg(postgres_url: str) -> Any:
     drop_database(spec)
 
 
-@pytest.mark.parametrize("backend", ["redis-pubsub", "rabbitmq", "sentinel", "cluster"])
+@pytest.mark.parametrize(
+    "backend", ["redis-pubsub", "rabbitmq", "sentinel", "cluster", "cluster-resharding"]
+)
 def test_soak_zero_stale_reads(
     pg: DbSpec,
     redis_url: str,
@@ -73,20 +75,24 @@ def test_soak_zero_stale_reads(
     request: pytest.FixtureRequest,
 ) -> None:
     """On each deployment: one Redis with its Pub/Sub; L2 on Redis with RabbitMQ as the
-    backplane; a Sentinel set; a Redis Cluster (3 masters) with the cluster's Pub/Sub."""
+    backplane; a Sentinel set; a Redis Cluster (3 masters) with sharded Pub/Sub, also while
+    ``redis-cli --cluster reshard`` moves slots (buckets' among them) back and forth."""
     options: dict[str, Any] = {}
+    resharding: Any = None
     if backend == "rabbitmq":
         options["backplane"] = request.getfixturevalue("amqp_url")
     elif backend == "sentinel":
         from support.sentinel import SentinelSet
 
         redis_url = request.getfixturevalue("closing")(SentinelSet()).url
-    elif backend == "cluster":
-        from support.cluster import LocalCluster
+    elif backend.startswith("cluster"):
+        from support.cluster import LocalCluster, Resharding
 
         request.getfixturevalue("redis_cli")
         cluster = request.getfixturevalue("closing")(LocalCluster(masters=3, replicas=0))
         redis_url = "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in cluster.nodes)
+        if backend == "cluster-resharding":
+            resharding = Resharding(cluster, slots=1500)
     engine = pg.engine()
     with Session(engine) as s, s.begin():
         s.add_all(Item(id=i, value="init") for i in range(ROWS))
@@ -127,7 +133,11 @@ def test_soak_zero_stale_reads(
         for event in ready:
             assert event.wait(60), "a child did not start"
         start.set()
+        if resharding is not None:
+            resharding.start()
         writer.join(120)
+        if resharding is not None:
+            resharding.stop()
         assert writer.exitcode == 0, "writer failed"
         writer_done.set()
         time.sleep(0.5)  # settle: let the last messages land (nothing is measured here)
@@ -187,15 +197,28 @@ def test_soak_zero_stale_reads(
         engine.dispose()
 
     lags = [(o["stats"]["lag_p50_us"], o["stats"]["lag_p99_us"]) for o in outs]
+    delays = sorted(w["publish_delays"])
+    blind = [o["stats"]["blind_periods"] for o in outs]
     l1_entries = sum(len(o["l1"]) for o in outs)
     print(
         f"\nsoak: commits={len(w['commits'])} reads={reads} stale={stale} dirty={dirty} "
         f"l1_entries_checked={l1_entries} "
-        f"propagation p50/p99 us per reader={lags} publish_failures={w['publish_failures']}"
+        f"propagation p50/p99 us per reader={lags} publish_failures={w['publish_failures']} "
+        f"blind periods per reader={blind}"
     )
+    if resharding is not None:
+        print(
+            f"resharding: {resharding.moves} moves of {resharding.slots} slots; commits whose "
+            f"publish waited for the retry: {len(delays)}, wait max "
+            f"{(delays[-1] if delays else 0) * 1000:.0f} ms"
+        )
     assert len(w["commits"]) == COMMITS
     assert reads > 3 * ROWS
     assert stale == 0 and dirty == 0, examples[:10]
     assert l1_wrong == [] and l2_wrong == []
-    assert w["publish_failures"] == 0
+    if resharding is None:
+        assert w["publish_failures"] == 0
+    else:  # the buckets' slots moved under every reader, more than once
+        assert resharding.moves >= 2 and resharding.errors == []
+        assert all(b >= 1 for b in blind)
     assert all(o["stats"]["invalidations_received"] > 0 for o in outs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import redis
 from .closing import ClosesOnExit
 from .servers import RedisServer, free_port
 
-__all__ = ["LocalCluster", "redis_cli_binary"]
+__all__ = ["LocalCluster", "Resharding", "redis_cli_binary"]
 
 
 def redis_cli_binary() -> str:
@@ -99,6 +100,35 @@ class LocalCluster(ClosesOnExit):
                     return node
         raise LookupError(f"no running master serves slot {slot}")
 
+    def node_id(self, node: RedisServer) -> str:
+        with self.client(node) as client:
+            found: Any = client.execute_command("CLUSTER", "MYID")
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+    # -- moving a slot by hand, step by step (what `redis-cli --cluster reshard` does) ----------
+
+    def move_slot_keys(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """Mark ``slot`` importing on ``target`` and migrating on ``source`` and move its keys,
+        as redis-cli does, and stop there: ``source`` still owns the slot (its subscribers stay
+        subscribed) and sends whoever asks for a moved key to ``target`` (``ASK``)."""
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with self.client(source) as src, self.client(target) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys: Any = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+
+    def finish_slot_move(self, slot: int, target: RedisServer) -> None:
+        """Make ``target`` the owner of ``slot``, then tell every other master (the source then
+        unsubscribes the subscribers of the slot's shard channels)."""
+        target_id = self.node_id(target)
+        for node in sorted(self.masters(), key=lambda n: n is not target):
+            with self.client(node) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def cli(self, *args: str, timeout: float = 60.0) -> str:
@@ -138,3 +168,51 @@ class LocalCluster(ClosesOnExit):
 
     def __enter__(self) -> LocalCluster:
         return self
+
+
+class Resharding:
+    """``redis-cli --cluster reshard`` in a thread: ``slots`` slots from one master to the next,
+    again and again, until :meth:`stop` (which lets the move under way finish)."""
+
+    def __init__(self, cluster: LocalCluster, *, slots: int) -> None:
+        self.cluster = cluster
+        self.slots = slots
+        self.moves = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resharding", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        self.cluster.wait_ok(timeout=60)
+
+    def _run(self) -> None:
+        masters = self.cluster.masters()
+        ids = [self.cluster.node_id(m) for m in masters]
+        turn = 0
+        while not self._stop.is_set():
+            source, target = ids[turn % len(ids)], ids[(turn + 1) % len(ids)]
+            try:
+                self.cluster.cli(
+                    "--cluster",
+                    "reshard",
+                    f"{masters[0].host}:{masters[0].port}",
+                    "--cluster-from",
+                    source,
+                    "--cluster-to",
+                    target,
+                    "--cluster-slots",
+                    str(self.slots),
+                    "--cluster-yes",
+                    timeout=120,
+                )
+                self.moves += 1
+            except Exception as exc:  # reported by the test, never raised in this thread
+                self.errors.append(str(exc))
+                return
+            turn += 1
+            self.cluster.wait_ok(timeout=60)

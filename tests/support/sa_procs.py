@@ -80,7 +80,9 @@ def soak_writer(
 ) -> None:
     """Commit ``commits`` random updates to ``rows`` items, with rolled-back savepoints and
     rolled-back transactions mixed in; log (row, value, time before commit(), time commit()
-    returned) for each commit that changed a row."""
+    returned) for each commit that changed a row. A commit whose publish failed (a fault) is
+    logged once the background retry has published it, with that time as the second: the
+    promise is about reads after the invalidation went out, and the delay is reported."""
     rng = random.Random(seed)
     cache = HybridCache.from_url(redis_url, namespace=namespace, **(cache_options or {}))
     engine = db.engine()
@@ -88,6 +90,7 @@ def soak_writer(
     installation = install(factory, cache)
     log: list[tuple[int, str, float, float]] = []
     rolled_back: list[str] = []
+    delays: list[float] = []
     try:
         assert cache.wait_until_subscribed(10)
         ready.set()
@@ -116,7 +119,13 @@ def soak_writer(
                 session.get(Item, row).value = value
                 before = time.time()
                 session.commit()
-                log.append((row, value, before, time.time()))
+                after = time.time()
+                if cache.pending_retries():
+                    while cache.pending_retries():
+                        time.sleep(0.001)
+                    delays.append(time.time() - after)
+                    after = time.time()
+                log.append((row, value, before, after))
             if seq % 8 == 0:
                 time.sleep(0.002)  # let the readers run on a 2-core machine
         stats = cache.stats()
@@ -126,6 +135,7 @@ def soak_writer(
                     "commits": log,
                     "rolled_back": rolled_back,
                     "publish_failures": stats["publish_failures"],
+                    "publish_delays": delays,
                 }
             )
         )
