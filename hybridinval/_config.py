@@ -123,6 +123,12 @@ class CacheConfig:
     ``amqps://``, RabbitMQ) through kombu (the ``amqp`` extra); see
     :class:`~hybridinval.transports.kombu.KombuTransport`. ``None``: Pub/Sub on L2's Redis."""
 
+    backplane_hub: str | None = None
+    """The Unix socket of this host's hub (``hybridinval hub``, :mod:`hybridinval.hub`): the
+    process then hears the backplane through the hub, which holds the host's one subscription,
+    instead of subscribing to Redis itself (publishing does not change). For hosts with many
+    processes: Redis fan-out costs per subscriber. ``None``: subscribe directly."""
+
     backplane_queue_expires: float = 60.0
     """With an AMQP backplane: how long a process's queue outlives its connection. A reconnect
     within it misses nothing (L1 is kept); a longer absence is a gap (L1 is checked against
@@ -134,6 +140,12 @@ class CacheConfig:
             _positive(name, getattr(self, name))
         for name in ("health_check_interval", "health_check_timeout", "backplane_queue_expires"):
             _positive(name, getattr(self, name))
+        if self.backplane_hub is not None and not (
+            isinstance(self.backplane_hub, str) and self.backplane_hub
+        ):
+            raise ValueError(
+                f"backplane_hub must be a Unix socket path (or None), got {self.backplane_hub!r}"
+            )
         if self.backplane is not None and not (
             isinstance(self.backplane, str) and self.backplane.startswith(("amqp://", "amqps://"))
         ):
@@ -254,6 +266,12 @@ def build_redis_seams(url: str, config: CacheConfig) -> tuple[L2Store, Transport
             locate=locate,
             endpoint=endpoint,
         )
+    if config.backplane_hub is not None:
+        if config.backplane is not None:
+            raise ValueError("backplane_hub relays Redis Pub/Sub: it cannot serve backplane=...")
+        from .transports.hub import HubTransport
+
+        transport = HubTransport(transport, config.backplane_hub)
     return l2, transport
 
 

@@ -1,5 +1,5 @@
-"""The ``hybridinval`` command: ``hybridinval demo [--duration SECONDS] ...`` and
-``hybridinval relay --namespace NS ...``.
+"""The ``hybridinval`` command: ``hybridinval demo [--duration SECONDS] ...``,
+``hybridinval relay --namespace NS ...`` and ``hybridinval hub --namespace NS --socket PATH``.
 
 Subcommands are registered in :func:`build_parser`; each is implemented in its own module and
 imported only when run, so ``hybridinval --help`` needs none of the optional dependencies.
@@ -51,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGHUP.",
     )
     _add_relay_arguments(relay)
+    hub = commands.add_parser(
+        "hub",
+        help="hold this host's one backplane subscription and hand it to the local processes "
+        "(CacheConfig.backplane_hub)",
+        description="Subscribes to the namespace's backplane on Redis and relays every message "
+        "to the processes connected to --socket, so that Redis serves one subscriber per host. "
+        "A process behind a hub that stops or loses Redis is blind (L1 bypassed), never stale. "
+        "Stops on Ctrl-C, SIGTERM or SIGHUP.",
+    )
+    hub.add_argument(
+        "--redis-url",
+        default=os.environ.get("HYBRIDINVAL_REDIS_URL"),
+        help="Redis URL of the cache, as its processes give from_url() "
+        "(default: $HYBRIDINVAL_REDIS_URL)",
+    )
+    hub.add_argument("--namespace", required=True, help="the cache's namespace")
+    hub.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    hub.add_argument("--client-name", default=None, help="label of its Redis connections")
     return parser
 
 
@@ -102,7 +120,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return run_relay(args)
+    if args.command == "hub":
+        return _run_hub(args)
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _run_hub(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .hub import Hub
+
+    if not args.redis_url:
+        print(
+            "hybridinval hub: --redis-url (or $HYBRIDINVAL_REDIS_URL) is required", file=sys.stderr
+        )
+        return 2
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    hub = Hub(args.redis_url, args.socket, namespace=args.namespace, client_name=args.client_name)
+    try:
+        hub.start()
+        print(
+            f"hybridinval hub: namespace {args.namespace!r} on {args.socket}; stop with Ctrl-C",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        hub.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"hybridinval hub: stopped; {hub.messages} message(s) relayed", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ class SubscriberThread:
         self.connects = 0
         # What caught_up() reads: the subscribed sockets, and whether bytes may have been read
         # from them but not yet handed to the listener (see DeliveryProgress).
-        self.progress = DeliveryProgress()
+        self.progress = self._new_progress()
+
+    def _new_progress(self) -> DeliveryProgress:
+        return DeliveryProgress()
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
         raise NotImplementedError
@@ -64,7 +67,7 @@ class SubscriberThread:
         (shutting them down would cut the parent's connection): drop the references only."""
         self._thread = None
         self._stop = threading.Event()
-        self.progress = DeliveryProgress()
+        self.progress = self._new_progress()
 
     def caught_up(self, timeout: float) -> float | None:
         return self.progress.caught_up(timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from hybridinval import AsyncHybridCache, HybridCache
 from hybridinval._l2_cluster import RedisClusterL2
 from hybridinval._message import decode_message
 from hybridinval.errors import BackendUnavailableError
+from hybridinval.hub import Hub
 from hybridinval.testing import L2StoreContract, RecordingListener, TransportContract
 from hybridinval.transports import Transport
 from hybridinval.transports.redis_sharded import RedisShardedPubSubTransport
@@ -228,6 +230,23 @@ def test_a_slot_that_moved_publishes_nothing_until_its_subscribers_follow(
     assert reader.get_or_set(key, lambda: "v2") == "v2"
     writer.invalidate(key)
     wait_until(lambda: key not in entries(reader), what="evicted via the new master")
+
+
+def test_a_hub_relays_the_sharded_backplane(
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The hub holds one connection per master; its processes' leases check all of them."""
+    path = str(tmp_path / "hub.sock")
+    with Hub(cluster_url(cluster), path, namespace=namespace, **FAST) as hub:
+        reader, writer = make_cache(backplane_hub=path), make_cache()
+        assert len(hub.progress.socks or ()) == 3
+        keys = [f"user:{i}" for i in range(40)]
+        for key in keys:
+            reader.get_or_set(key, lambda key=key: key)
+        writer.invalidate_many(keys)
+        wait_until(lambda: not entries(reader), what="all evicted through the hub")
+        assert reader.get_or_set(keys[0], lambda: "new") == "new"
+        assert reader.stats()["lease_flushes"] == 0
 
 
 def test_a_killed_master_is_a_blind_period_and_a_new_incarnation(
