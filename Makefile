@@ -56,7 +56,7 @@ chaos: venv
 # the raw clients: propagation to the slowest process, Redis CPU per message, keys/s with 1 and 4
 # writers; results in benchmarks/results/fanout.{json,md,png}. A few minutes.
 fanout: venv
-	$(BIN)/python -m benchmarks.fanout --amqp
+	$(BIN)/python -m benchmarks.fanout --amqp --cluster
 
 demo: venv
 	$(BIN)/hybridinval demo

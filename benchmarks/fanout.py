@@ -6,13 +6,19 @@ run, against the raw client of the same broker:
 * **propagation to the slowest process**: the writer stamps each message before it sends it;
   every subscriber process stamps it when its eviction is done (for raw clients: when the
   message is read); per message, the latest of those; p50 and p99 over the messages;
-* **broker CPU per message** (Redis only: ``INFO cpu``, user + system, over the message phase;
-  divided by the messages, and by the messages times the subscribers);
+* **broker CPU per message** (Redis only: ``INFO cpu``, user + system, over the message phase,
+  summed over a cluster's masters; divided by the messages, and by the messages times the
+  subscribers);
+* **subscriber CPU per message**: each subscriber process's own CPU time (``/proc``) over the
+  message phase, divided by the messages; the median process; and the hub's, where there is one;
 * **keys per second** that one writer process, and four, can invalidate (one key per call).
 
-Rows: ``raw PUBLISH`` (redis-py subscriber processes) and ``hybridinval`` (Redis Pub/Sub);
-with ``--amqp``, ``raw kombu publish`` and ``hybridinval (RabbitMQ)``. Every subscriber is a
-forked process of this one, idle but for the backplane; all run on this machine. Results in
+Rows: ``raw PUBLISH`` (redis-py subscriber processes), ``hybridinval`` (Redis Pub/Sub) and
+``hybridinval (hub)`` (the same behind one host hub); with ``--amqp``, ``raw kombu publish`` and
+``hybridinval (RabbitMQ)``; with ``--cluster`` (a private 3-master cluster), ``raw SPUBLISH``
+(redis-py's sharded Pub/Sub on one channel), ``hybridinval (cluster)`` (sharded, a channel per
+bucket) and ``hybridinval (cluster, hub)``. Every subscriber is a forked process of this one,
+idle but for the backplane; all run on this machine. Linux only (``/proc``). Results in
 ``benchmarks/results/fanout.{json,md,png}``.
 """
 
@@ -25,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +46,42 @@ __all__ = ["MODES", "main", "markdown", "measure"]
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-MODES = ("raw PUBLISH", "hybridinval", "raw kombu publish", "hybridinval (RabbitMQ)")
+REDIS_MODES = ("raw PUBLISH", "hybridinval", "hybridinval (hub)")
+AMQP_MODES = ("raw kombu publish", "hybridinval (RabbitMQ)")
+CLUSTER_MODES = ("raw SPUBLISH", "hybridinval (cluster)", "hybridinval (cluster, hub)")
+MODES = REDIS_MODES + AMQP_MODES + CLUSTER_MODES
+
+
+def _family(mode: str) -> str:
+    if mode in AMQP_MODES:
+        return "amqp"
+    return "cluster" if mode in CLUSTER_MODES else "redis"
+
+
+def _cache_options(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if mode == "hybridinval (RabbitMQ)":
+        options["backplane"] = spec["amqp_url"]
+    if mode.endswith("hub)"):
+        options["backplane_hub"] = spec["hub_path"]
+    return options
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid``, all its threads, in ns resolution (Linux ``schedstat``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def _hub(spec: dict[str, Any], ready: Any, done: Any) -> None:
+    from hybridinval.hub import Hub
+
+    with Hub(spec["redis_url"], spec["hub_path"], namespace=spec["namespace"]):
+        ready.release()
+        done.wait()
 
 
 def _kombu() -> Any:
@@ -67,6 +109,17 @@ def _subscriber(mode: str, spec: dict[str, Any], ready: Any, done: Any, out: Con
             if message is not None:
                 stamps[int(message["data"])] = now()
         pubsub.close()
+    elif mode == "raw SPUBLISH":
+        cluster: Any = _cluster_client(spec)
+        sharded = cluster.pubsub()
+        sharded.ssubscribe(spec["channel"])
+        sharded.get_sharded_message(timeout=5)  # the confirmation
+        ready.release()
+        while not done.is_set():
+            message = sharded.get_sharded_message(timeout=0.1)
+            if message is not None and message.get("type") == "smessage":
+                stamps[int(message["data"])] = now()
+        sharded.close()
     elif mode == "raw kombu publish":
         kombu = _kombu()
         with kombu.Connection(spec["amqp_url"]) as conn:
@@ -87,9 +140,9 @@ def _subscriber(mode: str, spec: dict[str, Any], ready: Any, done: Any, out: Con
     else:
         from hybridinval import HybridCache
 
-        options = {"backplane": spec["amqp_url"]} if mode == "hybridinval (RabbitMQ)" else {}
+        options = _cache_options(mode, spec)
         cache = HybridCache.from_url(spec["redis_url"], namespace=spec["namespace"], **options)
-        assert cache.wait_until_subscribed(30)
+        assert cache.wait_until_subscribed(60)
         coherence = cache._coherence
         apply = coherence.on_message
         decode = json.loads
@@ -117,6 +170,10 @@ class _Sender:
             self.client = redis.Redis.from_url(spec["redis_url"], protocol=2)
             channel = spec["channel"]
             self.send: Callable[[int], object] = lambda i: self.client.publish(channel, str(i))
+        elif mode == "raw SPUBLISH":
+            self.client = _cluster_client(spec)
+            channel = spec["channel"]
+            self.send = lambda i: self.client.spublish(channel, str(i))
         elif mode == "raw kombu publish":
             kombu = _kombu()
             self.conn = kombu.Connection(spec["amqp_url"])
@@ -127,15 +184,17 @@ class _Sender:
         else:
             from hybridinval import HybridCache
 
-            options = {"backplane": spec["amqp_url"]} if mode == "hybridinval (RabbitMQ)" else {}
+            # A writer subscribes directly: only the subscribers measured sit behind the hub.
+            options = _cache_options(mode, spec)
+            options.pop("backplane_hub", None)
             self.cache = HybridCache.from_url(
                 spec["redis_url"], namespace=spec["namespace"], **options
             )
-            assert self.cache.wait_until_subscribed(30)
+            assert self.cache.wait_until_subscribed(60)
             self.send = lambda i: self.cache.invalidate(f"k{i}")
 
     def close(self) -> None:
-        if self.mode == "raw PUBLISH":
+        if self.mode in ("raw PUBLISH", "raw SPUBLISH"):
             self.client.close()
         elif self.mode == "raw kombu publish":
             self.conn.release()
@@ -154,9 +213,19 @@ def _writer(mode: str, spec: dict[str, Any], seconds: float, go: Any, out: Conne
     out.send(sent)
 
 
-def _redis_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def _cluster_client(spec: dict[str, Any]) -> Any:
+    from redis.cluster import RedisCluster
+
+    host, port = spec["cluster_nodes"][0]
+    return RedisCluster(host=host, port=port, protocol=2)
+
+
+def _redis_cpu(clients: list[redis.Redis]) -> float:
+    total = 0.0
+    for client in clients:
+        info = client.info("cpu")
+        total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    return total
 
 
 def measure(
@@ -168,20 +237,34 @@ def measure(
     messages: int,
     interval: float,
     throughput_seconds: float,
+    cluster_nodes: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     tag = uuid.uuid4().hex[:8]
-    spec = {
+    spec: dict[str, Any] = {
         "redis_url": redis_url,
         "amqp_url": amqp_url,
         "namespace": f"fanout-{tag}",
         "channel": f"fanout-{tag}",
+        "hub_path": os.path.join(tempfile.mkdtemp(prefix="hybridinval-fanout-"), "hub.sock"),
+        "cluster_nodes": cluster_nodes,
     }
+    probes = [redis.Redis.from_url(redis_url, protocol=2)]
+    if _family(mode) == "cluster":
+        assert cluster_nodes, "the cluster rows need --cluster"
+        spec["redis_url"] = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster_nodes)
+        probes = [redis.Redis(host=h, port=p, protocol=2) for h, p in cluster_nodes]
     if mode.startswith("hybridinval"):
         from hybridinval.keyspace import Keyspace
 
         spec["channel"] = Keyspace(spec["namespace"]).channel
     ready, done = ctx.Semaphore(0), ctx.Event()
+    hub = None
+    if mode.endswith("hub)"):
+        hub = ctx.Process(target=_hub, args=(spec, ready, done), daemon=True)
+        hub.start()
+        if not ready.acquire(timeout=60):
+            raise RuntimeError(f"{mode}: the hub did not start")
     pipes, procs = [], []
     for _ in range(subscribers):
         ours, theirs = ctx.Pipe(duplex=False)
@@ -189,7 +272,6 @@ def measure(
         proc.start()
         pipes.append(ours)
         procs.append(proc)
-    probe = redis.Redis.from_url(redis_url, protocol=2)
     sender = _Sender(mode, spec)
     try:
         for _ in range(subscribers):
@@ -197,20 +279,36 @@ def measure(
                 raise RuntimeError(f"{mode}: a subscriber did not start")
         time.sleep(0.5)  # let every subscription settle
         sent_at: dict[int, int] = {}
-        cpu_before = _redis_cpu(probe)
+        pids = [p.pid for p in procs if p.pid is not None]
+        if hub is not None and hub.pid:
+            pids.append(hub.pid)
+        window = messages * interval + 0.5
+
+        def cpus() -> list[float]:
+            return [_cpu_seconds(pid) for pid in pids] + [_redis_cpu(probes)]
+
+        # What everything spends idle (health checks, ticks, Redis's cron) over a window as
+        # long as the message phase: subtracted, so the figures are per message.
+        idle_start = cpus()
+        time.sleep(window)
+        idle = [b - a for a, b in zip(idle_start, cpus(), strict=True)]
+        busy_start = cpus()
         for i in range(messages):
             sent_at[i] = time.time_ns()
             sender.send(i)
             time.sleep(interval)
         time.sleep(0.5)
-        cpu = _redis_cpu(probe) - cpu_before
+        net = [b - a - i for a, b, i in zip(busy_start, cpus(), idle, strict=True)]
+        cpu = net[-1]
+        sub_cpu = sorted(net[: len(procs)])
+        hub_cpu = net[len(procs)] if hub is not None and hub.pid else None
         done.set()
         stamps = [pipe.recv() for pipe in pipes]
     finally:
         done.set()
         # Closed before the writers fork below: no thread of ours may hold a lock at a fork.
         sender.close()
-        for proc in procs:
+        for proc in [*procs, *([hub] if hub is not None else [])]:
             proc.join(30)
             if proc.is_alive():
                 proc.terminate()  # ours, by handle
@@ -223,7 +321,7 @@ def measure(
             slowest.append((max(arrivals) - sent) / 1000)
     slowest.sort()
     n = len(slowest)
-    rates = {}
+    rates, busy_cpu = {}, {}
     for writers in (1, 4):
         go = ctx.Event()
         outs, wprocs = [], []
@@ -234,12 +332,16 @@ def measure(
             outs.append(ours)
             wprocs.append(proc)
         time.sleep(0.5)
+        cpu_start = _redis_cpu(probes)
         go.set()
         total = sum(pipe.recv() for pipe in outs)
+        busy_cpu[writers] = (_redis_cpu(probes) - cpu_start) / max(1, total)
         for proc in wprocs:
             proc.join(30)
         rates[writers] = round(total / throughput_seconds)
-    probe.close()
+    for probe in probes:
+        probe.close()
+    per_message = sub_cpu[len(sub_cpu) // 2] / messages * 1e6 if sub_cpu else None
     return {
         "mode": mode,
         "subscribers": subscribers,
@@ -249,6 +351,9 @@ def measure(
         "slowest_p99_us": round(slowest[min(n - 1, n * 99 // 100)], 1) if n else None,
         "redis_cpu_us_per_message": round(cpu / messages * 1e6, 1),
         "redis_cpu_us_per_message_per_subscriber": round(cpu / messages / subscribers * 1e6, 2),
+        "subscriber_cpu_us_per_message": round(per_message, 1) if per_message else None,
+        "redis_cpu_us_per_key_4_writers": round(busy_cpu[4] * 1e6, 2),
+        "hub_cpu_us_per_message": round(hub_cpu / messages * 1e6, 1) if hub_cpu else None,
         "keys_per_s_1_writer": rates[1],
         "keys_per_s_4_writers": rates[4],
     }
@@ -257,29 +362,33 @@ def measure(
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "| backplane | subscribers | slowest p50 / p99 µs | x raw | Redis CPU µs per message "
-        "(per subscriber) | keys/s, 1 writer | keys/s, 4 writers |",
-        "|---|---|---|---|---|---|---|",
+        "(per subscriber) | x raw | subscriber CPU µs per message (hub) | x raw "
+        "| keys/s, 1 writer | keys/s, 4 writers | Redis CPU µs per key, 4 writers | x raw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = results["rows"]
     raw_of = {
-        (r["subscribers"], "redis" if "kombu" not in r["mode"] else "amqp"): r
-        for r in rows
-        if r["mode"].startswith("raw")
+        (r["subscribers"], _family(r["mode"])): r for r in rows if r["mode"].startswith("raw")
     }
+
+    def ratio(r: dict[str, Any], raw: dict[str, Any] | None, field: str) -> str:
+        if raw is None or raw is r or not r.get(field) or not raw.get(field):
+            return "-"
+        return f"{r[field] / raw[field]:.2f}x"
+
     for r in rows:
-        family = "amqp" if ("kombu" in r["mode"] or "RabbitMQ" in r["mode"]) else "redis"
-        raw = raw_of.get((r["subscribers"], family))
-        ratio = (
-            f"{r['slowest_p50_us'] / raw['slowest_p50_us']:.2f}x / "
-            f"{r['slowest_p99_us'] / raw['slowest_p99_us']:.2f}x"
-            if raw and raw is not r and r["slowest_p50_us"] and raw["slowest_p50_us"]
-            else "-"
-        )
+        raw = raw_of.get((r["subscribers"], _family(r["mode"])))
+        hub = f" ({r['hub_cpu_us_per_message']})" if r.get("hub_cpu_us_per_message") else ""
         lines.append(
             f"| {r['mode']} | {r['subscribers']} | {r['slowest_p50_us']} / {r['slowest_p99_us']}"
-            f" | {ratio} | {r['redis_cpu_us_per_message']} "
-            f"({r['redis_cpu_us_per_message_per_subscriber']}) | "
-            f"{r['keys_per_s_1_writer']:,} | {r['keys_per_s_4_writers']:,} |"
+            f" | {ratio(r, raw, 'slowest_p50_us')} / {ratio(r, raw, 'slowest_p99_us')}"
+            f" | {r['redis_cpu_us_per_message']} ({r['redis_cpu_us_per_message_per_subscriber']})"
+            f" | {ratio(r, raw, 'redis_cpu_us_per_message')}"
+            f" | {r.get('subscriber_cpu_us_per_message')}{hub}"
+            f" | {ratio(r, raw, 'subscriber_cpu_us_per_message')}"
+            f" | {r['keys_per_s_1_writer']:,} | {r['keys_per_s_4_writers']:,}"
+            f" | {r.get('redis_cpu_us_per_key_4_writers')}"
+            f" | {ratio(r, raw, 'redis_cpu_us_per_key_4_writers')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -327,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("HYBRIDINVAL_REDIS_URL"))
     parser.add_argument("--amqp-url", default=os.environ.get("HYBRIDINVAL_AMQP_URL"))
     parser.add_argument("--amqp", action="store_true", help="also the RabbitMQ rows")
+    parser.add_argument(
+        "--cluster", action="store_true", help="also the Redis Cluster rows (a private cluster)"
+    )
+    parser.add_argument("--modes", default=None, help="comma-separated subset of the rows")
     parser.add_argument("--sizes", default="8,32,128")
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--interval-ms", type=float, default=20.0)
@@ -336,23 +449,37 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = args.redis_url or DEFAULT_REDIS_URL
     amqp_url = args.amqp_url or DEFAULT_AMQP_URL
     sizes = [int(s) for s in args.sizes.split(",")]
-    modes = MODES if args.amqp else MODES[:2]
+    modes = list(REDIS_MODES) + (list(AMQP_MODES) if args.amqp else [])
+    modes += list(CLUSTER_MODES) if args.cluster else []
+    if args.modes:
+        modes = [m for m in modes if m in args.modes.split(",")]
     started = time.monotonic()
     rows = []
-    for size in sizes:
-        for mode in modes:
-            print(f"[{time.monotonic() - started:6.1f}s] {mode}, {size} subscribers", flush=True)
-            rows.append(
-                measure(
-                    mode,
-                    size,
-                    redis_url=redis_url,
-                    amqp_url=amqp_url,
-                    messages=args.messages,
-                    interval=args.interval_ms / 1000,
-                    throughput_seconds=args.throughput_seconds,
+    with contextlib.ExitStack() as stack:
+        nodes = None
+        if args.cluster:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from support.cluster import LocalCluster  # the tests' throwaway cluster
+
+            cluster = stack.enter_context(LocalCluster(masters=3, replicas=0))
+            nodes = [(n.host, n.port) for n in cluster.nodes]
+        for size in sizes:
+            for mode in modes:
+                print(
+                    f"[{time.monotonic() - started:6.1f}s] {mode}, {size} subscribers", flush=True
                 )
-            )
+                rows.append(
+                    measure(
+                        mode,
+                        size,
+                        redis_url=redis_url,
+                        amqp_url=amqp_url,
+                        messages=args.messages,
+                        interval=args.interval_ms / 1000,
+                        throughput_seconds=args.throughput_seconds,
+                        cluster_nodes=nodes,
+                    )
+                )
     results = {
         "command": "python -m benchmarks.fanout " + " ".join(argv or sys.argv[1:]),
         "python": sys.version.split()[0],
@@ -363,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(results)
     print(table)
-    full = sizes == [8, 32, 128] and args.amqp
+    full = sizes == [8, 32, 128] and args.amqp and args.cluster and not args.modes
     out = args.out if full else args.out / "partial"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fanout.json").write_text(json.dumps(results, indent=1))

@@ -88,17 +88,11 @@ class HubTransport(SubscriberThread):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = sock
         sock.connect(self.path)
+        sock.setblocking(False)  # each wake-up: one select(), one recv (what came, all of it)
         buffer = bytearray()
         fds: list[int] = []
         next_tick = 0.0
         while not self._stop.is_set():
-            while select.select((sock,), (), (), 0)[0]:
-                data, received, _flags, _addr = socket.recv_fds(sock, 1 << 16, _MAX_FDS)
-                fds.extend(received)
-                if not data:
-                    raise ConnectionError(f"the hub at {self.path} closed the connection")
-                buffer += data
-                self._apply(buffer, fds, listener)
             now = time.monotonic()
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
@@ -106,6 +100,15 @@ class HubTransport(SubscriberThread):
             self.progress.idle()
             select.select((sock,), (), (), max(0.0, next_tick - now))
             self.progress.busy = True
+            try:
+                data, received, _flags, _addr = socket.recv_fds(sock, 1 << 16, _MAX_FDS)
+            except BlockingIOError:
+                continue
+            fds.extend(received)
+            if not data:
+                raise ConnectionError(f"the hub at {self.path} closed the connection")
+            buffer += data
+            self._apply(buffer, fds, listener)
 
     def _apply(self, buffer: bytearray, fds: list[int], listener: BackplaneListener) -> None:
         """Apply every whole frame at the head of ``buffer`` (and remove it)."""

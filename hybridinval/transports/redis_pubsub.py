@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from .._l2 import L2Store, RedisL2, redis_endpoint
 from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
+from ._resp import Link
 from ._subscriber import SubscriberThread
 
 __all__ = ["RedisPubSubTransport"]
@@ -129,49 +130,31 @@ class RedisPubSubTransport(SubscriberThread):
         conn: Any = pool.make_connection()  # redis-py's connection API is untyped
         self._conn = conn
         conn.connect()
-        conn.send_command("SUBSCRIBE", self.channel)
-        reply = conn.read_response()
-        if not (isinstance(reply, list) and reply and reply[0] in (b"subscribe", "subscribe")):
+        link = Link(conn, self.health_check_interval, self.health_check_timeout)
+        reply = link.call("SUBSCRIBE", self.channel)
+        if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
             raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
         self.connects += 1
-        sock = conn._sock  # for select() only; every read goes through redis-py's parser
+        sock = link.sock
         self.progress.subscribed(sock)
         listener.on_connected()
 
-        interval, timeout = self.health_check_interval, self.health_check_timeout
-        ping_sent_at: float | None = None
-        next_ping = time.monotonic() + interval
         next_tick = 0.0
         while not self._stop.is_set():
-            # Apply everything redis-py has buffered or the socket holds (can_read(0) reads
-            # without blocking; it also drains TLS records that select() cannot see).
-            while conn.can_read(timeout=0):
-                reply = conn.read_response()
-                if not isinstance(reply, list) or len(reply) < 2:
-                    log.warning("backplane %s: unexpected reply %r", self.channel, reply)
-                    continue
-                kind = reply[0]
-                if kind == b"message":
+            for reply in link.replies():
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                     self._safe_call(listener.on_message, reply[2])
-                elif kind == b"pong":
-                    ping_sent_at = None
-                    next_ping = time.monotonic() + interval
+                else:
+                    log.warning("backplane %s: unexpected reply %r", self.channel, reply)
             now = time.monotonic()
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
-            if ping_sent_at is None and now >= next_ping:
-                conn.send_command("PING", check_health=False)
-                ping_sent_at = now
-            if ping_sent_at is not None:
-                if now - ping_sent_at > timeout:
-                    raise TimeoutError(f"no PONG within {timeout:.3f}s (half-open connection?)")
-                wait = ping_sent_at + timeout - now
-            else:
-                wait = next_ping - now
+            wait = link.due(now)
             self.progress.idle()
             self._wait_readable(sock, max(0.0, min(wait, next_tick - now)))
             self.progress.busy = True
+            link.reader.fill()
 
     def _wait_readable(self, sock: Any, timeout: float) -> None:
         """Block until ``sock`` has data (or EOF) or ``timeout`` passes. Reads nothing."""

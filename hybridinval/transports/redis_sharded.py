@@ -48,6 +48,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
+from ._resp import Link, RespError
 from ._subscriber import SubscriberThread
 
 if TYPE_CHECKING:
@@ -163,15 +164,17 @@ class RedisShardedPubSubTransport(SubscriberThread):
             return owners
         raise ConnectionError(f"no node answers CLUSTER SLOTS ({'; '.join(errors)})")
 
-    def _register(self, address: Address, buckets: list[int]) -> Any:
+    def _register(self, address: Address, buckets: list[int]) -> Link:
         """Connect to ``address``, write its id to the buckets' anchors, subscribe to their
-        channels. Returns the subscribed connection."""
+        channels. Returns the subscribed link."""
         host, port = address
         conn: Any = redis.Connection(host=host, port=port, **self._options)  # type: ignore[no-untyped-call]
         self._conns.append(conn)
         conn.connect()
-        conn.send_command("CLUSTER", "MYID")
-        node_id = conn.read_response()
+        link = Link(conn, self.health_check_interval, self.health_check_timeout)
+        node_id = link.call("CLUSTER", "MYID")
+        if not isinstance(node_id, bytes):
+            raise ConnectionError(f"unexpected CLUSTER MYID reply {node_id!r} from {host}:{port}")
         # Pipelined: the anchors first (a MOVED here means the map is already stale), then the
         # subscriptions (one per channel: every bucket is its own slot).
         conn.send_packed_command(
@@ -181,70 +184,48 @@ class RedisShardedPubSubTransport(SubscriberThread):
             )
         )
         for bucket in buckets:
-            try:
-                conn.read_response()
-            except redis.ResponseError as exc:
-                raise SlotMoved(f"anchor of bucket {bucket} on {host}:{port}: {exc}") from exc
+            reply = link.read()
+            if isinstance(reply, RespError):
+                raise SlotMoved(f"anchor of bucket {bucket} on {host}:{port}: {reply}")
         for bucket in buckets:
-            try:
-                reply = conn.read_response()
-            except redis.ResponseError as exc:
-                raise SlotMoved(f"SSUBSCRIBE bucket {bucket} on {host}:{port}: {exc}") from exc
+            reply = link.read()
+            if isinstance(reply, RespError):
+                raise SlotMoved(f"SSUBSCRIBE bucket {bucket} on {host}:{port}: {reply}")
             if not (isinstance(reply, list) and reply and reply[0] == b"ssubscribe"):
                 raise ConnectionError(f"unexpected SSUBSCRIBE reply {reply!r}")
-        return conn
+        return link
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
         by_node: dict[Address, list[int]] = defaultdict(list)
         for bucket, address in self._slot_map().items():
             by_node[address].append(bucket)
-        conns = [self._register(address, buckets) for address, buckets in by_node.items()]
-        socks = [conn._sock for conn in conns]  # for select() only; reads go through redis-py
+        links = [self._register(address, buckets) for address, buckets in by_node.items()]
+        socks = [link.sock for link in links]
         self.connects += 1
         self.progress.subscribed(*socks)
         listener.on_connected()
 
-        interval, timeout = self.health_check_interval, self.health_check_timeout
-        ping_sent_at: float | None = None
-        awaiting: set[int] = set()  # connections whose PONG has not come yet
-        next_ping = time.monotonic() + interval
         next_tick = 0.0
         while not self._stop.is_set():
-            for index, conn in enumerate(conns):
-                while conn.can_read(timeout=0):
-                    reply = conn.read_response()
-                    if not isinstance(reply, list) or len(reply) < 2:
-                        log.warning("backplane %s: unexpected reply %r", self.channel, reply)
-                        continue
-                    kind = reply[0]
-                    if kind == b"smessage":
+            for link in links:
+                for reply in link.replies():
+                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
                         self._safe_call(listener.on_message, reply[2])
-                    elif kind == b"pong":
-                        awaiting.discard(index)
-                    elif kind == b"sunsubscribe":
+                    elif isinstance(reply, list) and reply and reply[0] == b"sunsubscribe":
                         raise SlotMoved(f"unsubscribed from {reply[1]!r}: its slot moved")
+                    else:
+                        log.warning("backplane %s: unexpected reply %r", self.channel, reply)
             now = time.monotonic()
-            if ping_sent_at is not None and not awaiting:
-                ping_sent_at = None
-                next_ping = now + interval
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
-            if ping_sent_at is None and now >= next_ping:
-                for conn in conns:
-                    conn.send_command("PING", check_health=False)
-                awaiting = set(range(len(conns)))
-                ping_sent_at = now
-            if ping_sent_at is not None:
-                if now - ping_sent_at > timeout:
-                    late = ", ".join(f"{conns[i].host}:{conns[i].port}" for i in sorted(awaiting))
-                    raise TimeoutError(f"no PONG within {timeout:.3f}s from {late}")
-                wait = ping_sent_at + timeout - now
-            else:
-                wait = next_ping - now
+            wait = min(link.due(now) for link in links)
             self.progress.idle()
-            select.select(socks, (), (), max(0.0, min(wait, next_tick - now)))
+            readable, _, _ = select.select(socks, (), (), max(0.0, min(wait, next_tick - now)))
             self.progress.busy = True
+            for link in links:
+                if link.sock in readable:
+                    link.reader.fill()
 
     def _close_conns(self) -> None:
         conns, self._conns = self._conns, []
