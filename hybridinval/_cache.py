@@ -43,6 +43,7 @@ from typing import Any, Self, TypeVar
 from . import _hitpath
 from ._coherence import Coherence
 from ._config import CacheConfig, build_redis_seams
+from ._group import GroupSend
 from ._l1 import L1Store, MemoryL1, NullL1
 from ._l2 import L2Store
 from ._local import MISSING, Fill, LocalState
@@ -145,6 +146,7 @@ class HybridCache:
             lag_samples=config.lag_samples,
             is_closed=self._is_closed,
         )
+        self._group_send = GroupSend(self._round_trip)
         self._publisher: Publisher = RetryingPublisher(
             self._send_invalidation, local, self._is_closed
         )
@@ -495,18 +497,23 @@ class HybridCache:
         if not batch:
             return
         self._ensure_started()
-        message = self._message(batch)
-        channel = self._script_channel
         try:
-            self.l2.invalidate_many(batch, (channel, message) if channel else None)
-            if channel is None:
-                self.transport.publish(message)
+            # Threads sending while another's round trip is in flight share the next one.
+            self._group_send(batch)
         finally:
             # After the round trip, not before: a fill that read L2 before the delete is still
             # registered and gets cancelled here.
             self._local.evict(batch)
         self._stats["invalidations_sent"] += 1
         self._stats["keys_invalidated"] += len(batch)
+
+    def _round_trip(self, batch: list[str]) -> None:
+        """Delete ``batch`` from L2 and publish its message (in the script, or after it)."""
+        message = self._message(batch)
+        channel = self._script_channel
+        self.l2.invalidate_many(batch, (channel, message) if channel else None)
+        if channel is None:
+            self.transport.publish(message)
 
     def _message(self, keys: Iterable[str]) -> bytes:
         return encode_message(self.instance_id, next(self._seq), list(keys))
