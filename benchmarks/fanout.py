@@ -374,6 +374,8 @@ def markdown(results: dict[str, Any]) -> str:
     def ratio(r: dict[str, Any], raw: dict[str, Any] | None, field: str) -> str:
         if raw is None or raw is r or not r.get(field) or not raw.get(field):
             return "-"
+        if "redis_cpu" in field and _family(r["mode"]) == "amqp":
+            return "-"  # raw kombu leaves Redis idle: no baseline to divide by
         return f"{r[field] / raw[field]:.2f}x"
 
     for r in rows:
@@ -399,20 +401,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (lat, cpu) = plt.subplots(1, 2, figsize=(12, 4.8))
     modes = list(dict.fromkeys(r["mode"] for r in results["rows"]))
     for index, mode in enumerate(modes):
         rows = [r for r in results["rows"] if r["mode"] == mode and r["slowest_p50_us"]]
         xs = [r["subscribers"] for r in rows]
         color = f"C{index}"  # one color per backplane: p50 solid, p99 dashed
-        ax.plot(
+        lat.plot(
             xs,
             [r["slowest_p50_us"] / 1000 for r in rows],
             marker="o",
             color=color,
             label=f"{mode} p50",
         )
-        ax.plot(
+        lat.plot(
             xs,
             [r["slowest_p99_us"] / 1000 for r in rows],
             marker="x",
@@ -420,12 +422,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
             color=color,
             label=f"{mode} p99",
         )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("subscriber processes")
-    ax.set_ylabel("send -> evicted in the slowest process (ms)")
-    ax.set_title("Fan-out: one message to every process")
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
+        if _family(mode) != "amqp":
+            cpu.plot(
+                xs,
+                [max(r["redis_cpu_us_per_message"], 1.0) for r in rows],
+                marker="o",
+                color=color,
+                label=mode,
+            )
+    for ax in (lat, cpu):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("subscriber processes")
+        ax.grid(True, which="both", alpha=0.3)
+    lat.set_ylabel("send -> evicted in the slowest process (ms)")
+    lat.set_title("Propagation to the slowest process")
+    lat.legend(fontsize=6, ncol=2)
+    cpu.set_ylabel("Redis CPU per message (µs)")
+    cpu.set_title("Redis CPU per message (one key each)")
+    cpu.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -242,8 +242,8 @@ class Hub:
     def _drop_locked(self, process: _Process, reason: str) -> None:
         if self._processes.pop(process.slot, None) is None:
             return
-        if reason == "hung up":
-            log.info("hub %s: process %d hung up", self.path, process.slot)
+        if reason in ("hung up", "the hub stopped"):
+            log.info("hub %s: process %d: %s", self.path, process.slot, reason)
         else:
             self.dropped += 1
             log.warning("hub %s: dropping process %d (%s)", self.path, process.slot, reason)
