@@ -351,9 +351,11 @@ def measure(
         "slowest_p99_us": round(slowest[min(n - 1, n * 99 // 100)], 1) if n else None,
         "redis_cpu_us_per_message": round(cpu / messages * 1e6, 1),
         "redis_cpu_us_per_message_per_subscriber": round(cpu / messages / subscribers * 1e6, 2),
-        "subscriber_cpu_us_per_message": round(per_message, 1) if per_message else None,
+        "subscriber_cpu_us_per_message": round(per_message, 1) if per_message is not None else None,
         "redis_cpu_us_per_key_4_writers": round(busy_cpu[4] * 1e6, 2),
-        "hub_cpu_us_per_message": round(hub_cpu / messages * 1e6, 1) if hub_cpu else None,
+        "hub_cpu_us_per_message": (
+            round(hub_cpu / messages * 1e6, 1) if hub_cpu is not None else None
+        ),
         "keys_per_s_1_writer": rates[1],
         "keys_per_s_4_writers": rates[4],
     }

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow  # forks subscriber processes
 
 
 def test_a_tiny_fanout_run_measures_every_row(
-    redis_url: str, amqp_url: str, tmp_path: Path
+    redis_url: str, amqp_url: str, redis_cli: str, tmp_path: Path
 ) -> None:
     argv = [
-        "--redis-url", redis_url, "--amqp-url", amqp_url, "--amqp", "--sizes", "2",
+        "--redis-url", redis_url, "--amqp-url", amqp_url, "--amqp", "--cluster", "--sizes", "2",
         "--messages", "10", "--interval-ms", "5", "--throughput-seconds", "0.3",
         "--out", str(tmp_path),
     ]  # fmt: skip
@@ -28,5 +28,7 @@ def test_a_tiny_fanout_run_measures_every_row(
     assert [r["mode"] for r in results["rows"]] == list(fanout.MODES)
     for row in results["rows"]:
         assert row["lost"] == 0 and row["slowest_p50_us"] and row["keys_per_s_4_writers"] > 0
+        assert row["subscriber_cpu_us_per_message"] is not None
+        assert (row["hub_cpu_us_per_message"] is not None) == row["mode"].endswith("hub)")
     assert (written / "fanout.png").stat().st_size > 0
     assert "| hybridinval | 2 |" in (written / "fanout.md").read_text()

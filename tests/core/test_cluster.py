@@ -5,8 +5,6 @@ the subscribers and a master killed under load."""
 from __future__ import annotations
 
 import asyncio
-import random
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +15,7 @@ import pytest
 import redis.cluster
 from support.cluster import LocalCluster
 from support.inspect import entries
+from support.load import Load
 from support.waiting import wait_until
 
 from hybridinval import AsyncHybridCache, HybridCache
@@ -250,55 +249,6 @@ def test_a_hub_relays_the_sharded_backplane(
         wait_until(lambda: not entries(reader), what="all evicted through the hub")
         assert reader.get_or_set(keys[0], lambda: "new") == "new"
         assert reader.stats()["lease_flushes"] == 0
-
-
-class Load:
-    """A writer thread that commits to ``truth`` and invalidates as after a commit, and a
-    reader thread that reads through the cache, until :meth:`stop`. A read is stale if it began
-    more than DELTA after the invalidation of a newer value went out (values only grow)."""
-
-    DELTA = 0.05
-
-    def __init__(self, writer: HybridCache, reader: HybridCache, keys: int = 30) -> None:
-        self.writer, self.reader = writer, reader
-        self.truth = {f"row:{i}": 0 for i in range(keys)}
-        self.published: dict[str, list[tuple[int, float]]] = {k: [] for k in self.truth}
-        self.reads: list[tuple[str, int, float]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=f) for f in (self._write, self._read)]
-        for thread in self._threads:
-            thread.start()
-
-    def _write(self) -> None:
-        rng = random.Random(1)
-        while not self._stop.is_set():
-            key = rng.choice(list(self.truth))
-            value = self.truth[key] = self.truth[key] + 1
-
-            def done(key: str = key, value: int = value) -> None:
-                self.published[key].append((value, time.time()))
-
-            self.writer.invalidate_committed([key], on_published=done)
-            time.sleep(0.002)
-
-    def _read(self) -> None:
-        rng = random.Random(2)
-        while not self._stop.is_set():
-            key = rng.choice(list(self.truth))
-            began = time.time()
-            value = self.reader.get_or_set(key, lambda key=key: self.truth[key])
-            self.reads.append((key, value, began))
-
-    def stop(self) -> list[tuple[str, int, int]]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-        stale = []
-        for key, value, began in self.reads:
-            floor = max((v for v, at in self.published[key] if at < began - self.DELTA), default=0)
-            if value < floor:
-                stale.append((key, value, floor))
-        return stale
 
 
 def test_a_killed_master_is_a_blind_period_and_a_new_incarnation(

@@ -4,11 +4,13 @@ failover (a master of ours, killed; its replica promoted)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from support.inspect import entries
+from support.load import Load
 from support.sentinel import SentinelSet
 from support.waiting import wait_until
 
@@ -86,13 +88,16 @@ def test_asyncio_cache_on_sentinel(sentinels: SentinelSet, namespace: str) -> No
 def test_a_failover_is_a_new_incarnation(
     make_cache: Callable[..., HybridCache], sentinels: SentinelSet
 ) -> None:
-    """Kill the master: the caches go blind, find the promoted replica through the sentinels,
-    subscribe there, and keep nothing set aside from before (its run id is new), then carry
-    on: reads and invalidations work on the new master. (Last in this module: it uses up the
-    set's replica.)"""
+    """Kill the master, under load: the caches go blind, find the promoted replica through
+    the sentinels, subscribe there, and keep nothing set aside from before (its run id is
+    new), then carry on: reads and invalidations work on the new master, and no read of the
+    load was stale. (Last in this module: it uses up the set's replica.)"""
     reader, writer = make_cache(), make_cache()
     reader.get_or_set("kept?", lambda: "v1")
     old_incarnation = reader._coherence._incarnation
+    load = Load(make_cache(), make_cache())
+    time.sleep(0.5)
+    failed_at = time.time()
     sentinels.fail_over()
     wait_until(lambda: reader.stats()["blind_periods"] >= 1, what="blind")
     wait_until(lambda: reader.subscribed, timeout=30, what="subscribed to the new master")
@@ -116,3 +121,11 @@ def test_a_failover_is_a_new_incarnation(
     reader.get_or_set("after", lambda: "loaded")
     writer.invalidate("after")
     wait_until(lambda: "after" not in entries(reader), what="eviction after the failover")
+    wait_until(
+        lambda: any(at > failed_at + 1.0 for done in load.published.values() for _, at in done),
+        timeout=30,
+        what="the load's writer going on after the failover",
+    )
+    stale = load.stop()
+    assert len(load.reads) > 100 and stale == []
+    assert load.reader.stats()["blind_periods"] >= 1
