@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--namespace", required=True, help="the cache's namespace")
     hub.add_argument("--socket", required=True, help="the Unix socket to listen on")
     hub.add_argument("--client-name", default=None, help="label of its Redis connections")
+    hub.add_argument(
+        "--socket-mode",
+        default="600",
+        help="the socket's permissions, in octal (default 600: this user only; 660 lets the "
+        "group's processes connect)",
+    )
     return parser
 
 
@@ -141,7 +147,18 @@ def _run_hub(args: argparse.Namespace) -> int:
         sig: signal.signal(sig, lambda *_: stop.set())
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
-    hub = Hub(args.redis_url, args.socket, namespace=args.namespace, client_name=args.client_name)
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        print(f"hybridinval hub: --socket-mode {args.socket_mode!r} is not octal", file=sys.stderr)
+        return 2
+    hub = Hub(
+        args.redis_url,
+        args.socket,
+        namespace=args.namespace,
+        client_name=args.client_name,
+        socket_mode=mode,
+    )
     try:
         hub.start()
         print(

@@ -62,7 +62,8 @@ class Hub:
 
     ``url`` and the options are those of :meth:`HybridCache.from_url` (``namespace`` above
     all; ``None``: the embedded Redis, for development); ``path`` is the Unix socket to listen
-    on (replaced if it exists).
+    on (replaced if it exists), with permissions ``socket_mode``: whoever may connect gets the
+    namespace's invalidations and the hub's Redis sockets, so by default only its own user.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Hub:
         *,
         config: CacheConfig | None = None,
         max_pending: int = 8 * 1024 * 1024,
+        socket_mode: int = 0o600,
         **options: Any,
     ) -> None:
         config = CacheConfig.of(config, options)
@@ -80,6 +82,7 @@ class Hub:
         self.config = config
         self.path = path
         self.max_pending = max_pending
+        self.socket_mode = socket_mode
         self._detach: Any = None
         if url is None:
             from ._embedded import SharedEmbeddedRedis
@@ -107,7 +110,12 @@ class Hub:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
+        previous = os.umask(0o777 & ~self.socket_mode)  # never, even briefly, wider than asked
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(previous)
+        os.chmod(self.path, self.socket_mode)
         listener.listen(128)
         listener.setblocking(False)
         self._listener = listener

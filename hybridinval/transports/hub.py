@@ -91,6 +91,16 @@ class HubTransport(SubscriberThread):
         sock.setblocking(False)  # each wake-up: one select(), one recv (what came, all of it)
         buffer = bytearray()
         fds: list[int] = []
+        try:
+            self._listen(sock, buffer, fds, listener)
+        finally:
+            for fd in fds:  # received but never claimed by a frame
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _listen(
+        self, sock: socket.socket, buffer: bytearray, fds: list[int], listener: BackplaneListener
+    ) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
             now = time.monotonic()

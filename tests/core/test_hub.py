@@ -275,3 +275,12 @@ def test_bad_hub_settings_are_named() -> None:
         check=False,
     )
     assert done.returncode == 2 and "--redis-url" in done.stderr
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660])
+def test_the_socket_is_only_as_open_as_asked(
+    redis_url: str, namespace: str, hub_path: str, mode: int
+) -> None:
+    with Hub(redis_url, hub_path, namespace=namespace, socket_mode=mode):
+        assert os.stat(hub_path).st_mode & 0o777 == mode
+    assert not os.path.exists(hub_path)  # removed on stop
