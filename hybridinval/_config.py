@@ -10,6 +10,7 @@ them; a cache built from seams gets them from the seams.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,8 @@ class CacheConfig:
             raise ValueError(
                 f"backplane_hub must be a Unix socket path (or None), got {self.backplane_hub!r}"
             )
+        if self.backplane_hub is not None:
+            check_socket_path("backplane_hub", self.backplane_hub)
         if self.backplane is not None and not (
             isinstance(self.backplane, str) and self.backplane.startswith(("amqp://", "amqps://"))
         ):
@@ -183,6 +186,19 @@ class CacheConfig:
 
     def build_serializer(self) -> Serializer:
         return get_serializer(self.serializer, secret=self.serializer_secret)
+
+
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path, with its terminating NUL)
+
+
+def check_socket_path(name: str, path: str) -> None:
+    """A Unix socket path the kernel takes, else a ``ValueError`` naming ``name``."""
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"{name}: the Unix socket path {path!r} is {length} bytes, more than the "
+            f"{MAX_SOCKET_PATH} a socket's address holds; use a shorter one"
+        )
 
 
 def _positive(name: str, value: object) -> None:

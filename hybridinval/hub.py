@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from ._config import CacheConfig, build_redis_seams
+from ._config import CacheConfig, build_redis_seams, check_socket_path
 from .transports._hubwire import (
     BLIND,
     CONNECTED,
@@ -77,6 +77,7 @@ class Hub:
         **options: Any,
     ) -> None:
         config = CacheConfig.of(config, options)
+        check_socket_path("path", path)
         if config.backplane is not None or config.backplane_hub is not None:
             raise ValueError("a hub relays Redis Pub/Sub: backplane and backplane_hub must be None")
         self.config = config

@@ -129,7 +129,7 @@ def build_runtime(
     relay_engine = store.make_engine(settings.database_url)
     if cache is None:
         cache = AsyncHybridCache.from_url(
-            settings.redis_url, namespace=settings.namespace, count_hits=True
+            settings.redis_url, **settings.cache_options(), count_hits=True
         )
     cache.start()
     Sessions = async_sessionmaker(engine, sync_session_class=ApiSession, expire_on_commit=False)

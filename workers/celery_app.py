@@ -47,7 +47,7 @@ app.conf.update(
 def make_cache() -> HybridCache:
     """Called once in each task-running process; must not (and does not) touch the network."""
     current = load()
-    return HybridCache.from_url(current.redis_url, namespace=current.namespace, count_hits=True)
+    return HybridCache.from_url(current.redis_url, **current.cache_options(), count_hits=True)
 
 
 integration = hybrid_celery.install(app, make_cache)

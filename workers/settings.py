@@ -10,6 +10,8 @@
 ``HYBRIDINVAL_BROKER_URL``       Celery broker and result backend; default
                                  ``HYBRIDINVAL_REDIS_URL``
 ``HYBRIDINVAL_NAMESPACE``        cache namespace (key prefix and channel); default ``workers``
+``HYBRIDINVAL_BACKPLANE_HUB``    the Unix socket of this host's hub (``hybridinval hub``):
+                                 hear the backplane through it; default: subscribe directly
 ================================ ============================================================
 
 Every name carries the ``HYBRIDINVAL_`` prefix, so none can clash with an application's own
@@ -27,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "BROKER_URL",
@@ -46,6 +49,7 @@ DATABASE_URL = "HYBRIDINVAL_DATABASE_URL"
 REDIS_URL = "HYBRIDINVAL_REDIS_URL"
 BROKER_URL = "HYBRIDINVAL_BROKER_URL"
 NAMESPACE = "HYBRIDINVAL_NAMESPACE"
+BACKPLANE_HUB = "HYBRIDINVAL_BACKPLANE_HUB"
 
 DEFAULT_DATABASE_URL = "sqlite:///workers.db"
 DEFAULT_NAMESPACE = "workers"
@@ -57,6 +61,11 @@ class Settings:
     redis_url: str
     broker_url: str
     namespace: str
+    backplane_hub: str | None = None
+
+    def cache_options(self) -> dict[str, Any]:
+        """What every cache of the example is built with (``from_url``'s keywords)."""
+        return {"namespace": self.namespace, "backplane_hub": self.backplane_hub}
 
 
 _lock = threading.Lock()
@@ -96,4 +105,5 @@ def load() -> Settings:
         redis_url=redis,
         broker_url=os.environ.get(BROKER_URL) or redis,
         namespace=os.environ.get(NAMESPACE) or DEFAULT_NAMESPACE,
+        backplane_hub=os.environ.get(BACKPLANE_HUB) or None,
     )

@@ -154,7 +154,7 @@ def runtime(role: str = "web", cache: Callable[[], HybridCache] | None = None) -
         owns = cache is None
         the_cache = (
             # The example reports its L1 hit ratio, so it asks for hits to be counted.
-            HybridCache.from_url(settings.redis_url, namespace=settings.namespace, count_hits=True)
+            HybridCache.from_url(settings.redis_url, **settings.cache_options(), count_hits=True)
             if cache is None
             else cache()
         )

@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--readers", type=int, default=3, help="HTTP reader threads")
     parser.add_argument(
+        "--hub",
+        action="store_true",
+        help="run a host hub (hybridinval hub): every process hears the backplane through it",
+    )
+    parser.add_argument(
         "--delta-ms",
         type=float,
         default=50.0,

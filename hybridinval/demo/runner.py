@@ -172,6 +172,10 @@ class Run:
                 "TMPDIR": str(self.workdir),  # their temporary files go with the workdir
             }
         )
+        if self.args.hub:
+            env[settings.BACKPLANE_HUB] = self._hub_socket()
+        else:
+            env.pop(settings.BACKPLANE_HUB, None)
         queue, broker_url = f"{self.namespace}.tasks", env[settings.BROKER_URL]
         # What the run writes to its embedded Redis goes with it; from any other, it is removed
         # (once the processes have stopped).
@@ -197,6 +201,18 @@ class Run:
                 self.reaper.watch_dir(self.workdir)
                 self.cleanup.callback(shutil.rmtree, self.workdir, ignore_errors=True)
             self.workdir.mkdir(mode=0o700)
+
+    def _hub_socket(self) -> str:
+        """A path for the hub's socket: in the workdir unless that is too long for a socket's
+        address, then in a short directory of its own (watched and removed like the workdir)."""
+        path = self.workdir / "hub.sock"
+        if len(os.fsencode(str(path))) <= 100:
+            return str(path)
+        with self.interrupts.deferred():
+            short = Path(tempfile.mkdtemp(prefix="hi-hub-", dir="/tmp"))
+            self.reaper.watch_dir(short)
+            self.cleanup.callback(shutil.rmtree, short, ignore_errors=True)
+        return str(short / "hub.sock")
 
     def _close_watchdog(self) -> None:
         self.reaped = self.reaper.close()
@@ -237,6 +253,14 @@ class Run:
         web_urls = [f"http://127.0.0.1:{port}" for port in ports]
         api_urls = [f"http://127.0.0.1:{port}" for port in api_ports]
         python = sys.executable
+        hub = processes.env.get("HYBRIDINVAL_BACKPLANE_HUB")
+        if hub:
+            processes.start(
+                "hub",
+                [python, "-m", "hybridinval.cli", "hub", "--redis-url", redis_url,
+                 "--namespace", namespace, "--socket", hub],
+            )  # fmt: skip
+            wait_for("the hub's socket", lambda: os.path.exists(hub), processes)
         for i, port in enumerate(api_ports):
             processes.start(
                 f"api-{i + 1}",
@@ -311,6 +335,7 @@ class Run:
         self.say(
             f"started:  {args.web} web processes (Flask), {args.api} asyncio API processes "
             f"(FastAPI), a Celery worker with {args.concurrency} children"
+            + (", all behind a host hub" if hub else "")
         )
         for user_id in user_ids:
             body = http(

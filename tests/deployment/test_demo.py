@@ -78,6 +78,25 @@ def test_demo_runs_on_a_fresh_machine_with_no_stale_reads(
     assert demo.leftover_files() == []
 
 
+def test_behind_a_host_hub_every_process_hears_every_commit(
+    demo_factory: Any, tmp_path: Path
+) -> None:
+    """``--hub``: the processes subscribe through one ``hybridinval hub``; no read is stale,
+    every process hears invalidations, and the hub goes with the rest."""
+    report = tmp_path / "report.json"
+    demo = demo_factory("--duration", str(DURATION_S), "--hub", "--json", str(report))
+    code = demo.watch(timeout=150)
+    output = demo.output()
+    assert code == 0, output[-4000:]
+    assert "all behind a host hub" in output
+    assert "stale reads: 0" in output and output.rstrip().endswith("OK"), output[-2000:]
+    result = json.loads(report.read_text())
+    assert result["stale"] == 0 and result["errors"] == []
+    assert all(row["invalidations_received"] > 0 for row in result["rows"]), result["rows"]
+    assert result["leftovers"] == [] and demo.survivors() == []
+    assert demo.leftover_files() == []
+
+
 def test_ctrl_c_stops_everything_the_demo_started(demo_factory: Any) -> None:
     demo = demo_factory("--duration", "120")
     assert demo.watch(timeout=120, until="started:") is None, demo.output()[-3000:]
