@@ -455,6 +455,7 @@ class AsyncHybridCache:
             await self.l2.invalidate_many(batch, (channel, message) if channel else None)
             if channel is None:
                 await asyncio.to_thread(sync.transport.publish, message)
+            sync._recent.add(batch)
         finally:
             # After the round trip (see HybridCache._send_invalidation), cancelled or not.
             self._local.evict(batch)

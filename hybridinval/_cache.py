@@ -49,6 +49,7 @@ from ._l2 import L2Store
 from ._local import MISSING, Fill, LocalState
 from ._message import encode_message
 from ._publish import Publisher, RetryingPublisher
+from ._replay import RecentKeys
 from ._stats import CacheStats
 from .errors import BackendUnavailableError, CacheClosedError, SerializationError
 from .keyspace import check_key
@@ -145,7 +146,9 @@ class HybridCache:
             l1_lease_wait=config.l1_lease_wait,
             lag_samples=config.lag_samples,
             is_closed=self._is_closed,
+            on_new_incarnation=self._replay_recent,
         )
+        self._recent = RecentKeys(config.failover_replay, config.max_replayed)
         self._group_send = GroupSend(self._round_trip)
         self._publisher: Publisher = RetryingPublisher(
             self._send_invalidation, local, self._is_closed
@@ -432,6 +435,7 @@ class HybridCache:
 
     def _was_set(self, key: str, value: Any, ttl: float | None, version: bytes) -> None:
         """After L2 took a ``set()``: cancel older fills of the key and keep the value in L1."""
+        self._recent.add((key,))
         self._stats["invalidations_sent"] += 1
         self._stats["keys_invalidated"] += 1
         local = self._local
@@ -514,6 +518,23 @@ class HybridCache:
         self.l2.invalidate_many(batch, (channel, message) if channel else None)
         if channel is None:
             self.transport.publish(message)
+        self._recent.add(batch)
+
+    def _replay_recent(self) -> None:
+        """The store's incarnation changed: invalidate again what this process wrote lately
+        (see :mod:`hybridinval._replay`). On the subscriber's restore thread; never raises a
+        store failure (the publisher retries)."""
+        keys = self._recent.keys()
+        if not keys or self._closed:
+            return
+        self._stats["keys_replayed"] += len(keys)
+        log.warning(
+            "the store has a new incarnation (failover or restart): invalidating again the %d "
+            "key(s) this process wrote in the last %.0f s, which it may have lost",
+            len(keys),
+            self._recent.window,
+        )
+        self._publisher.publish_committed(keys)
 
     def _message(self, keys: Iterable[str]) -> bytes:
         return encode_message(self.instance_id, next(self._seq), list(keys))

@@ -54,6 +54,7 @@ class Coherence:
         l1_lease_wait: float,
         lag_samples: int,
         is_closed: Any,
+        on_new_incarnation: Any = None,
     ) -> None:
         self.local = local
         self.l2 = l2
@@ -65,6 +66,8 @@ class Coherence:
         self.lags_us: deque[int] = deque(maxlen=lag_samples)
         self._is_closed = is_closed
         self._incarnation = ""  # of L2, as read at the last subscription
+        self._known_incarnation = ""  # the last one read at all
+        self._on_new_incarnation = on_new_incarnation
         self._malformed_log_after = 0.0
         self._lease_log_after = 0.0
 
@@ -198,6 +201,10 @@ class Coherence:
             except BackendUnavailableError:
                 incarnation = ""
             previous, self._incarnation = self._incarnation, incarnation
+            if incarnation:
+                known, self._known_incarnation = self._known_incarnation, incarnation
+                if known and known != incarnation and self._on_new_incarnation is not None:
+                    self._on_new_incarnation()  # the store may have lost our last writes
             if not quarantine:
                 return
             if incarnation and incarnation == previous:

@@ -96,6 +96,16 @@ class CacheConfig:
     a wrapper counts, which costs about as much as the hit itself. Other counters are always
     on."""
 
+    failover_replay: float = 30.0
+    """Seconds of this process's own invalidations it sends again when the store's incarnation
+    changes (a failover, a restart): a replica promoted after its master died may lack the
+    last writes the master acknowledged, and would serve the values they deleted under the
+    versions they replaced. Cover the time a failover takes to be noticed (at most
+    ``max_replayed`` keys are kept). ``0`` turns it off."""
+
+    max_replayed: int = 100_000
+    """Most keys kept for ``failover_replay`` (the oldest go first, with a warning)."""
+
     lag_samples: int = 4096
     """How many recent backplane lags ``stats()`` keeps for its percentiles."""
 
@@ -155,12 +165,14 @@ class CacheConfig:
             raise ValueError(
                 f"backplane must be an amqp:// or amqps:// URL (or None), got {self.backplane!r}"
             )
-        for name in ("l1_max_entries", "max_key_length", "lag_samples"):
+        for name in ("l1_max_entries", "max_key_length", "lag_samples", "max_replayed"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.l1_lease is not None:
             _positive("l1_lease", self.l1_lease)
+        if not isinstance(self.failover_replay, (int, float)) or self.failover_replay < 0:
+            raise ValueError(f"failover_replay must be >= 0 seconds, got {self.failover_replay!r}")
         if self.l1_lease_wait < 0:
             raise ValueError(f"l1_lease_wait must be >= 0, got {self.l1_lease_wait!r}")
         if self.switch_interval is not None:

@@ -50,6 +50,7 @@ COUNTERS = (
     "l1_quarantine_dropped",
     "lease_waits",
     "lease_flushes",
+    "keys_replayed",
 )
 """The event counters of ``HybridCache.stats()`` (see :class:`hybridinval.CacheStats`)."""
 

@@ -55,6 +55,8 @@ class CacheStats(TypedDict):
     """Hits that found the backplane behind and waited for it."""
     lease_flushes: int
     """Times a reader waited ``l1_lease_wait`` in vain and flushed L1 instead."""
+    keys_replayed: int
+    """Keys invalidated again after the store's incarnation changed (``failover_replay``)."""
     pending_publishes: int
     """Committed keys whose invalidation awaits the background retry."""
     subscribed: bool

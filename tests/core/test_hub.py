@@ -268,9 +268,9 @@ def test_bad_hub_settings_are_named() -> None:
     with pytest.raises(ValueError, match="backplane"):
         Hub("redis://127.0.0.1:1/0", "/tmp/x.sock", backplane="amqp://h//")
     too_long = "/tmp/" + "d" * 120 + "/hub.sock"
-    with pytest.raises(ValueError, match="backplane_hub.*bytes"):
+    with pytest.raises(ValueError, match=r"backplane_hub.*bytes"):
         HybridCache.from_url("redis://127.0.0.1:1/0", backplane_hub=too_long)
-    with pytest.raises(ValueError, match="path.*bytes"):
+    with pytest.raises(ValueError, match=r"path.*bytes"):
         Hub("redis://127.0.0.1:1/0", too_long)
     done = subprocess.run(
         [sys.executable, "-m", "hybridinval.cli", "hub", "--namespace", "n", "--socket", "/tmp/s"],
