@@ -15,6 +15,7 @@ import pytest
 import redis
 from support import RedisServer, TcpProxy
 from support.async_view import view_of
+from support.caches import subscribed_caches
 from support.inspect import entries
 from support.waiting import wait_until
 
@@ -29,21 +30,10 @@ pytestmark = pytest.mark.both_apis  # every fault, on the blocking and the async
 
 @pytest.fixture
 def make_cache(namespace: str, api: str) -> Iterator[Callable[..., HybridCache]]:
-    caches: list[HybridCache] = []
-
-    def make(url: str, **options: Any) -> HybridCache:
-        cache = view_of(HybridCache.from_url(url, namespace=namespace, **{**FAST, **options}), api)
-        caches.append(cache)
-        assert cache.wait_until_subscribed(10)
-        # The first subscription reads L2's incarnation off the delivery thread; a gap that
-        # begins before that read proves nothing after it (the set-aside L1 is dropped, which
-        # is safe), so the tests that restore across a gap wait for it.
-        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
-        return cache
-
-    yield make
-    for cache in caches:
-        cache.close()
+    with subscribed_caches(
+        namespace, wrap=lambda cache: view_of(cache, api), defaults=FAST
+    ) as make:
+        yield make
 
 
 def fill(cache: HybridCache, key: str, value: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis.cluster
+from support.caches import FAST, subscribed_caches
 from support.cluster import LocalCluster
 from support.inspect import entries
 from support.load import Load
@@ -28,12 +29,6 @@ from hybridinval.transports import Transport
 from hybridinval.transports.redis_sharded import RedisShardedPubSubTransport
 
 pytestmark = pytest.mark.slow  # a cluster takes seconds to form
-
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.2,
-    "health_check_timeout": 0.3,
-    "socket_timeout": 0.5,
-}
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +59,8 @@ class TestRedisClusterL2(L2StoreContract):
 
 @pytest.fixture
 def make_cache(cluster: LocalCluster, namespace: str) -> Iterator[Callable[..., HybridCache]]:
-    caches: list[HybridCache] = []
-
-    def make(**options: Any) -> HybridCache:
-        cache = HybridCache.from_url(
-            cluster_url(cluster), namespace=namespace, **{**FAST, **options}
-        )
-        caches.append(cache)
-        assert cache.wait_until_subscribed(10)
-        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
-        return cache
-
-    yield make
-    for cache in caches:
-        cache.close()
+    with subscribed_caches(namespace, cluster_url(cluster)) as make:
+        yield make
 
 
 def test_a_batch_invalidation_is_one_script_per_bucket_across_the_nodes(

@@ -5,10 +5,10 @@ those writes deleted. Each process invalidates again what it wrote lately."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import redis
+from support.caches import subscribed_caches
 from support.proxy import TcpProxy
 from support.servers import RedisServer
 from support.waiting import wait_until
@@ -16,29 +16,11 @@ from support.waiting import wait_until
 from hybridinval import CacheConfig, HybridCache
 from hybridinval._replay import RecentKeys
 
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.2,
-    "health_check_timeout": 0.3,
-    "socket_timeout": 0.5,
-}
-
 
 @pytest.fixture
 def make_cache(tcp_proxy: TcpProxy, namespace: str) -> Iterator[Callable[..., HybridCache]]:
-    caches: list[HybridCache] = []
-
-    def make(**options: Any) -> HybridCache:
-        cache = HybridCache.from_url(
-            tcp_proxy.url_for(0), namespace=namespace, **{**FAST, **options}
-        )
-        caches.append(cache)
-        assert cache.wait_until_subscribed(10)
-        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
-        return cache
-
-    yield make
-    for cache in caches:
-        cache.close()
+    with subscribed_caches(namespace, tcp_proxy.url_for(0)) as make:
+        yield make
 
 
 def promote_a_replica_that_missed(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
+from support.caches import FAST, subscribed_caches
 from support.inspect import entries
 from support.load import Load
 from support.sentinel import SentinelSet
@@ -19,12 +19,6 @@ from hybridinval._sentinel import SentinelTarget
 
 pytestmark = pytest.mark.slow  # a sentinel set takes seconds to agree
 
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.2,
-    "health_check_timeout": 0.3,
-    "socket_timeout": 0.5,
-}
-
 
 @pytest.fixture(scope="module")
 def sentinels() -> Iterator[SentinelSet]:
@@ -34,18 +28,8 @@ def sentinels() -> Iterator[SentinelSet]:
 
 @pytest.fixture
 def make_cache(sentinels: SentinelSet, namespace: str) -> Iterator[Callable[..., HybridCache]]:
-    caches: list[HybridCache] = []
-
-    def make(**options: Any) -> HybridCache:
-        cache = HybridCache.from_url(sentinels.url, namespace=namespace, **{**FAST, **options})
-        caches.append(cache)
-        assert cache.wait_until_subscribed(10)
-        wait_until(lambda: bool(cache._coherence._incarnation), what="incarnation read")
-        return cache
-
-    yield make
-    for cache in caches:
-        cache.close()
+    with subscribed_caches(namespace, sentinels.url) as make:
+        yield make
 
 
 def test_sentinel_urls_parse_and_bad_ones_are_refused() -> None:
