@@ -289,3 +289,32 @@ def test_the_socket_is_only_as_open_as_asked(
     with Hub(redis_url, hub_path, namespace=namespace, socket_mode=mode):
         assert os.stat(hub_path).st_mode & 0o777 == mode
     assert not os.path.exists(hub_path)  # removed on stop
+
+
+def test_the_asyncio_cache_behind_a_hub(
+    redis_server: RedisServer, hub_process: HubProcess, namespace: str, hub_path: str
+) -> None:
+    import asyncio
+
+    from hybridinval import AsyncHybridCache
+
+    async def scenario() -> None:
+        url = redis_server.url
+        async with (
+            AsyncHybridCache.from_url(url, namespace=namespace, backplane_hub=hub_path) as reader,
+            AsyncHybridCache.from_url(url, namespace=namespace) as writer,
+        ):
+            assert await reader.wait_until_subscribed(10)
+            assert await writer.wait_until_subscribed(10)
+            assert await reader.get_or_set("k", lambda: "v1") == "v1"
+            assert reader.get_local("k") == "v1"  # served under the hub's lease
+            await writer.invalidate("k")
+            for _ in range(500):
+                if reader.get_local("k") is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert reader.get_local("k") is None
+            assert await reader.get_or_set("k", lambda: "v2") == "v2"
+
+    asyncio.run(scenario())
+    assert subscribers(redis_server.url, namespace) == 1  # the hub; the writer has closed
