@@ -46,8 +46,17 @@ class GroupSend:
         with self._cond:
             if self._busy:
                 self._queue.append(me)
-                while not (me.done or me.lead):
-                    self._cond.wait()
+                try:
+                    while not (me.done or me.lead):
+                        self._cond.wait()
+                except BaseException:
+                    # Interrupted while waiting (a signal, a time limit): leave the queue, or
+                    # hand on the lead already given, so that nobody waits for us forever.
+                    if me in self._queue:
+                        self._queue.remove(me)
+                    if me.lead:
+                        self._hand_on_locked()
+                    raise
                 if me.done:
                     if me.error is not None:
                         raise me.error
@@ -56,29 +65,36 @@ class GroupSend:
             else:
                 self._busy = True
                 group = [me]
-        if len(group) == 1:
-            merged = keys
-        else:
-            merged = list(dict.fromkeys(k for sender in group for k in sender.keys))
         error: BaseException | None = None
         try:
+            merged = (
+                keys
+                if len(group) == 1
+                else list(dict.fromkeys(k for sender in group for k in sender.keys))
+            )
             self._send(merged)
         except BaseException as exc:
             error = exc
-        with self._cond:
-            self.round_trips += 1
-            self.merged += len(group) - 1
-            for sender in group:
-                if sender is not me:
-                    sender.done = True
-                    sender.error = _for_rider(error)
-            if self._queue:
-                self._queue[0].lead = True
-            else:
-                self._busy = False
-            self._cond.notify_all()
+        finally:
+            with self._cond:
+                self.round_trips += 1
+                self.merged += len(group) - 1
+                for sender in group:
+                    if sender is not me:
+                        sender.done = True
+                        sender.error = _for_rider(error)
+                self._hand_on_locked()
         if error is not None:
             raise error
+
+    def _hand_on_locked(self) -> None:
+        """The round trip in flight is over: the first waiter leads the next, or none is
+        busy."""
+        if self._queue:
+            self._queue[0].lead = True
+        else:
+            self._busy = False
+        self._cond.notify_all()
 
 
 def _for_rider(error: BaseException | None) -> BaseException | None:

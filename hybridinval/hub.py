@@ -53,7 +53,7 @@ class _Process:
     def __init__(self, sock: socket.socket, slot: int) -> None:
         self.sock = sock
         self.slot = slot
-        self.pending: deque[tuple[memoryview, list[int]]] = deque()
+        self.pending: deque[memoryview] = deque()
         self.pending_bytes = 0
 
 
@@ -131,6 +131,9 @@ class Hub:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._lock:  # no process accepted from now on is told the hub is subscribed
+            self._connected = False
+            self._blind_reason = "the hub is stopping"
         self.upstream.stop()
         self._wake()
         if self._thread is not None:
@@ -143,6 +146,7 @@ class Hub:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         self._l2.close()
+        self.progress.close()
         if self._detach is not None:
             self._detach()
         self._wake_r.close()
@@ -193,29 +197,39 @@ class Hub:
     # -- sending (under the lock) --------------------------------------------------------------
 
     def _send_connected_locked(self, process: _Process) -> None:
-        socks = self.progress.socks or ()
+        socks = self.progress.socks
+        if not self._connected or not socks:
+            self._send_locked(process, frame(BLIND, self._blind_reason.encode()))
+            return
         fds = [s if isinstance(s, int) else s.fileno() for s in socks] + [self.progress.fd]
         self._send_locked(
             process, frame(CONNECTED, CONNECTED_INFO.pack(len(socks), process.slot)), fds
         )
 
     def _send_locked(self, process: _Process, data: bytes, fds: list[int] | None = None) -> None:
-        if process.pending:
-            self._queue_locked(process, memoryview(data), fds or [])
-            return
+        """Write ``data`` (and ``fds``, with its first byte) to ``process`` without blocking;
+        what its socket does not take waits in the hub. Descriptors never wait: they name this
+        moment's sockets, so a subscription that cannot go out at once drops the process (it
+        reconnects). Any failure drops that process only."""
         try:
-            sent = _send_some(process.sock, data, fds)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._drop_locked(process, str(exc))
-            return
-        if sent < len(data):
-            # What the socket did not take, without its descriptors if they went with the
-            # first byte.
-            self._queue_locked(process, memoryview(data)[sent:], [] if sent else (fds or []))
+            if process.pending:
+                if fds:
+                    self._drop_locked(process, "too far behind to take a new subscription")
+                    return
+                self._queue_locked(process, memoryview(data))
+                return
+            try:
+                sent = _send_some(process.sock, data, fds)
+            except BlockingIOError:
+                sent = 0
+            if sent == 0 and fds:
+                self._drop_locked(process, "too far behind to take a new subscription")
+            elif sent < len(data):  # the descriptors went with the first byte
+                self._queue_locked(process, memoryview(data)[sent:])
+        except Exception as exc:  # never the others' messages for one process's failure
+            self._drop_locked(process, f"{type(exc).__name__}: {exc}")
 
-    def _queue_locked(self, process: _Process, rest: memoryview, fds: list[int]) -> None:
+    def _queue_locked(self, process: _Process, rest: memoryview) -> None:
         if process.pending_bytes + len(rest) > self.max_pending:
             self._drop_locked(process, f"more than {self.max_pending} bytes behind")
             return
@@ -225,16 +239,14 @@ class Hub:
                 process.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, process
             )
             self._wake()
-        process.pending.append((rest, fds))
+        process.pending.append(rest)
         process.pending_bytes += len(rest)
 
     def _flush_locked(self, process: _Process) -> None:
         while process.pending:
-            data, fds = process.pending[0]
+            data = process.pending[0]
             try:
-                sent = (
-                    socket.send_fds(process.sock, [data], fds) if fds else process.sock.send(data)
-                )
+                sent = process.sock.send(data)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -242,7 +254,7 @@ class Hub:
                 return
             process.pending_bytes -= sent
             if sent < len(data):
-                process.pending[0] = (data[sent:], [])
+                process.pending[0] = data[sent:]
                 return
             process.pending.popleft()
         self.progress.pending(process.slot, False)

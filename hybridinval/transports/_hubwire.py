@@ -48,10 +48,10 @@ class SharedProgress(DeliveryProgress):
     processes map; byte ``n`` is 1 while the hub holds bytes for process ``n`` that its socket
     did not take yet (see :meth:`pending`).
 
-    A process proves it is caught up in three steps, in this order: the hub is not busy and
-    holds nothing for it, the hub's subscribed sockets hold nothing (so everything that reached
-    the hub is in this process's socket), and its own subscriber is caught up on that socket.
-    See :class:`HubProgress`.
+    A process proves it is caught up upstream first: the hub's subscribed sockets hold nothing,
+    the hub is not busy and holds nothing for it (so everything that reached the hub is in this
+    process's socket), and its own subscriber is caught up on that socket. See
+    :class:`HubProgress`.
     """
 
     SLOTS = mmap.PAGESIZE - 1  # processes one hub serves
@@ -93,13 +93,18 @@ class HubProgress(DeliveryProgress):
         self.hub_socks, self.hub_page, self.slot = hub_socks, page, slot
 
     def settled(self) -> bool:
+        """Upstream to downstream, each stage's sockets before its busy flag (see
+        :mod:`._progress`): the hub's Redis sockets, the hub's busy byte, the bytes it holds
+        for this process, then this process's own socket and busy flag."""
         if self.socks is None:
             return True  # not subscribed: the listener is blind and keeps no L1
         page, hub_socks = self.hub_page, self.hub_socks
-        if page is None or page[0] == 1 or page[self.slot] == 1:
+        if page is None:
             return False
         try:
             readable, _, _ = select.select(hub_socks, (), (), 0)
         except (OSError, ValueError):  # closed under us: about to go blind
             return False
-        return not readable and super().settled()
+        if readable or page[0] == 1 or page[self.slot] == 1:
+            return False
+        return super().settled()

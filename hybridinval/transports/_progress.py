@@ -2,9 +2,14 @@
 subscribes on): what ``Transport.caught_up`` reads.
 
 The subscriber sets :attr:`DeliveryProgress.busy` before it may read from a socket and calls
-:meth:`DeliveryProgress.idle` only once everything it read has been handed to the listener, so
-"not busy and nothing readable" proves that every byte that reached the sockets so far has been
-applied. Readers (the L1 lease) check that without ever blocking the subscriber.
+:meth:`DeliveryProgress.idle` only once everything it read has been handed to the listener
+(a reply read in part keeps it busy). A reader checks in that order's reverse: first that the
+sockets hold nothing, *then* that the subscriber is not busy. A byte that was in a socket
+before the first check has then either been read, by a subscriber that went busy before
+reading and stays busy until it is applied, or is still there; so the two together prove that
+every byte that reached the sockets before the check has been applied. (The other order has a
+hole: not busy, then the subscriber wakes and reads, then the sockets look empty.) Readers
+(the L1 lease) check that without ever blocking the subscriber.
 """
 
 from __future__ import annotations
@@ -64,10 +69,8 @@ class DeliveryProgress:
         socks = self.socks
         if socks is None:
             return True  # not subscribed: the listener is blind and keeps no L1
-        if self.busy:
-            return False
         try:
             readable, _, _ = select.select(socks, (), (), 0)
         except (OSError, ValueError):  # closed under us: the subscriber is about to go blind
             return False
-        return not readable
+        return not readable and not self.busy  # sockets first, then busy (see above)

@@ -59,6 +59,11 @@ class RespReader:
             self._buf += self.sock.recv(self.sock.pending())
         return True
 
+    @property
+    def partial(self) -> bool:
+        """Whether bytes of a reply not yet whole are buffered (its subscriber is not idle)."""
+        return self._pos < len(self._buf)
+
     def next(self) -> Any:
         """The next whole reply, or :data:`INCOMPLETE`. Bulk strings are ``bytes``."""
         try:
@@ -122,7 +127,6 @@ class Link:
     def __init__(self, conn: Any, interval: float, timeout: float) -> None:
         self.conn = conn
         self.sock = conn._sock
-        self.sock.setblocking(False)  # every read is one recv(); select() does the waiting
         self.reader = RespReader(self.sock)
         self.interval, self.timeout = interval, timeout
         self.ping_sent_at: float | None = None
@@ -145,6 +149,11 @@ class Link:
                 raise TimeoutError(f"no reply within {self.timeout:.3f}s")
             select.select((self.sock,), (), (), left)
             self.reader.fill()
+
+    def listening(self) -> None:
+        """Subscribed: from now on every read is one non-blocking ``recv()`` after ``select()``
+        (the handshake's commands, a pipeline among them, were written blocking)."""
+        self.sock.setblocking(False)
 
     def replies(self) -> Iterator[Any]:
         """Every whole reply received so far; a PONG is taken here."""

@@ -9,10 +9,10 @@ does), so ``script_channel`` and ``publish`` are those of the transport it stand
 **Never stale behind a hub.** The hub forwards its own blindness (``B``): a hub that lost Redis
 makes every process behind it blind. A hub that stops or dies closes the Unix socket: blind. A
 hub that hangs (stopped, starved) cannot prove progress: the L1 lease asks, without a round
-trip, whether the hub is idle and holds nothing for this process, whether the hub's own Redis
-sockets (passed to this process at subscription) hold nothing unread, and whether this process
-has applied everything in its own socket (see :mod:`hybridinval.transports._hubwire`); if not,
-readers wait ``l1_lease_wait`` and flush L1.
+trip and upstream first, whether the hub's own Redis sockets (passed to this process at
+subscription) hold nothing unread, whether the hub is idle and holds nothing for this process,
+and whether this process has applied everything in its own socket (see
+:mod:`hybridinval.transports._hubwire`); if not, readers wait ``l1_lease_wait`` and flush L1.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ __all__ = ["HubTransport"]
 
 log = logging.getLogger("hybridinval.backplane")
 
-_MAX_FDS = 64  # a hub's Redis sockets (one per cluster master) and its page
+_MAX_FDS = 253  # SCM_MAX_FD: a hub's Redis sockets (one per cluster master) and its page
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # a spawned program inherits none of them
 
 
 class HubTransport(SubscriberThread):
@@ -79,9 +80,14 @@ class HubTransport(SubscriberThread):
         self.direct.stop()  # its publisher, if any (its subscriber never ran)
 
     def reset_after_fork(self) -> None:
+        # Inherited copies of the parent's descriptors: closed here (never shut down, which
+        # would cut the parent's), so that the child holds no hub connection open after the
+        # parent's goes.
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        self._close_hub_fds()
         self._forget_thread()
-        self._sock = None
-        self._hub_fds = []  # the parent's descriptors: inherited copies, left alone
         self.direct.reset_after_fork()
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
@@ -107,11 +113,12 @@ class HubTransport(SubscriberThread):
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
-            self.progress.idle()
+            if not buffer:  # part of a frame read is not applied: stay busy
+                self.progress.idle()
             select.select((sock,), (), (), max(0.0, next_tick - now))
             self.progress.busy = True
             try:
-                data, received, _flags, _addr = socket.recv_fds(sock, 1 << 16, _MAX_FDS)
+                data, received, _flags, _addr = socket.recv_fds(sock, 1 << 16, _MAX_FDS, _CLOEXEC)
             except BlockingIOError:
                 continue
             fds.extend(received)
@@ -152,6 +159,10 @@ class HubTransport(SubscriberThread):
         *hub_socks, page_fd = taken
         try:
             page = mmap.mmap(page_fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
+        except BaseException:
+            for fd in hub_socks:
+                os.close(fd)
+            raise
         finally:
             os.close(page_fd)
         self._hub_fds = hub_socks

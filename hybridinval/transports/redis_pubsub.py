@@ -73,15 +73,14 @@ class RedisPubSubTransport(SubscriberThread):
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
-        # RESP2: a subscribed connection then answers in the classic Pub/Sub shape on every
-        # redis-py version and every server (redis-py 8 defaults to RESP3 push frames).
-        options: dict[str, Any] = {
+        # RESP2, whatever the options say: the subscriber's reader (_resp) parses the classic
+        # Pub/Sub shape (redis-py 8 defaults to RESP3 push frames).
+        self._options: dict[str, Any] = {
             "socket_timeout": health_check_timeout,
             "socket_connect_timeout": 1.0,
+            **(connection_options or {}),
             "protocol": 2,
         }
-        options.update(connection_options or {})
-        self._options = options
         self._publisher: redis.Redis | None = None
         self._conn: Any = None
         self._init_thread()
@@ -134,6 +133,7 @@ class RedisPubSubTransport(SubscriberThread):
         reply = link.call("SUBSCRIBE", self.channel)
         if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
             raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
+        link.listening()
         self.connects += 1
         sock = link.sock
         self.progress.subscribed(sock)
@@ -151,7 +151,8 @@ class RedisPubSubTransport(SubscriberThread):
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
             wait = link.due(now)
-            self.progress.idle()
+            if not link.reader.partial:  # part of a reply read is not applied: stay busy
+                self.progress.idle()
             self._wait_readable(sock, max(0.0, min(wait, next_tick - now)))
             self.progress.busy = True
             link.reader.fill()

@@ -98,12 +98,12 @@ class RedisShardedPubSubTransport(SubscriberThread):
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
-        # RESP2, as for RedisPubSubTransport: the classic reply shapes on every redis-py.
+        # RESP2 whatever the options say, as for RedisPubSubTransport (its reader parses it).
         self._options: dict[str, Any] = {
             "socket_timeout": health_check_timeout,
             "socket_connect_timeout": 1.0,
-            "protocol": 2,
             **(connection_options or {}),
+            "protocol": 2,
         }
         self._conns: list[Any] = []
         self._init_thread()
@@ -181,18 +181,24 @@ class RedisShardedPubSubTransport(SubscriberThread):
             conn.pack_commands(
                 [("SET", self._anchors[b], node_id) for b in buckets]
                 + [("SSUBSCRIBE", self._channels[b]) for b in buckets]
-            )
+            ),
+            check_health=False,
         )
         for bucket in buckets:
             reply = link.read()
             if isinstance(reply, RespError):
                 raise SlotMoved(f"anchor of bucket {bucket} on {host}:{port}: {reply}")
-        for bucket in buckets:
+        confirmed = 0
+        while confirmed < len(buckets):
             reply = link.read()
             if isinstance(reply, RespError):
-                raise SlotMoved(f"SSUBSCRIBE bucket {bucket} on {host}:{port}: {reply}")
+                raise SlotMoved(f"SSUBSCRIBE on {host}:{port}: {reply}")
+            if isinstance(reply, list) and reply and reply[0] == b"smessage":
+                continue  # published between two confirmations: before on_connected, moot
             if not (isinstance(reply, list) and reply and reply[0] == b"ssubscribe"):
                 raise ConnectionError(f"unexpected SSUBSCRIBE reply {reply!r}")
+            confirmed += 1
+        link.listening()
         return link
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
@@ -220,7 +226,8 @@ class RedisShardedPubSubTransport(SubscriberThread):
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
             wait = min(link.due(now) for link in links)
-            self.progress.idle()
+            if not any(link.reader.partial for link in links):  # part of a reply: stay busy
+                self.progress.idle()
             readable, _, _ = select.select(socks, (), (), max(0.0, min(wait, next_tick - now)))
             self.progress.busy = True
             for link in links:
