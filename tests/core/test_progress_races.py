@@ -3,6 +3,7 @@ sending, each the moment a review found: they fail on the code before the fix.""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,6 @@ import pytest
 from support.waiting import wait_until
 
 from hybridinval._group import GroupSend
-from hybridinval.transports import _progress
 from hybridinval.transports._progress import DeliveryProgress
 from hybridinval.transports._resp import RespReader
 
@@ -36,16 +36,16 @@ def test_a_subscriber_that_wakes_between_the_checks_is_not_settled(
     progress.subscribed(ours)
     progress.idle()
     theirs.sendall(b"message")
-    real_select = _progress.select.select
+    real_select = select.select
 
     def subscriber_reads_now(*args: Any) -> Any:
         progress.busy = True  # the subscriber: busy, then it takes the bytes
         ours.recv(100)
         return real_select(*args)
 
-    monkeypatch.setattr(_progress.select, "select", subscriber_reads_now)
+    monkeypatch.setattr(select, "select", subscriber_reads_now)  # what _progress calls
     assert not progress.settled()  # the message is read, not applied
-    monkeypatch.setattr(_progress.select, "select", real_select)
+    monkeypatch.setattr(select, "select", real_select)
     progress.idle()  # applied
     assert progress.settled()
 
