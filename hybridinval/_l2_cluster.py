@@ -89,6 +89,13 @@ return 1
 """
 )
 
+_PUBLISH = (
+    _FENCE
+    + """
+return redis.call('SPUBLISH', ARGV[1], ARGV[2])
+"""
+)
+
 # redis-py's cluster failures (no node reachable, slots uncovered) are not RedisErrors.
 _ERRORS = (RedisError, RedisClusterException)
 
@@ -121,7 +128,12 @@ class RedisClusterL2:
         self._incarnation_ttl_ms = _ms(2 * version_ttl)
         namespace_name = self.keyspace.namespace
         self._tags = [f"hi:{{{namespace_name}:{b}}}:" for b in range(buckets)]
-        self._sources = {"invalidate": _INVALIDATE, "set": _SET, "cas_set": _CAS_SET}
+        self._sources = {
+            "invalidate": _INVALIDATE,
+            "set": _SET,
+            "cas_set": _CAS_SET,
+            "publish": _PUBLISH,
+        }
         self._scripts: dict[str, Any] = {}
 
     @property
@@ -248,6 +260,14 @@ class RedisClusterL2:
                 raise BackendUnavailableError(
                     f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
                 ) from exc
+
+    def publish(self, bucket: int, message: bytes) -> None:
+        """``message`` on ``bucket``'s channel, behind the same fence as the write scripts (for
+        a transport whose messages no script carries)."""
+        try:
+            self._eval("publish", (self.anchor(bucket),), (self.channel(bucket), message))
+        except _ERRORS as exc:
+            raise BackendUnavailableError(f"publish on bucket {bucket} failed: {exc}") from exc
 
     def versions(self, keys: Sequence[str]) -> list[bytes]:
         try:

@@ -11,7 +11,10 @@ every bucket, on each bucket's master: one connection per master.
 its sockets and reports ``on_blind`` before anything else whenever it may have missed a message:
 a connection lost or half-open (a health-check ``PING`` per connection, unanswered), a node that
 unsubscribes it from a channel (Redis does so when the channel's slot leaves the node: a
-migration, a failover), a reply that says a slot moved. It then rediscovers the slot map and
+migration, a failover), a reply that says a slot moved, and a master that, asked every health
+check on a second connection, no longer vouches for its slots (:class:`OwnershipProbe`: a
+master cut off from its cluster answers PING as ever, and unsubscribes no one, while the others
+promote its replica). It then rediscovers the slot map and
 subscribes again on every shard; only when every bucket is subscribed does it report
 ``on_connected``, so the cache flushes and bypasses L1 until then.
 
@@ -20,10 +23,13 @@ anchor key of each bucket it subscribes to there; the write scripts refuse to pu
 other node (see :mod:`hybridinval._l2_cluster`). Without it, a slot that moves would let a writer
 publish on the new node while the subscribers still listen on the old one, until the old one
 unsubscribes them: messages lost with no one blind. With it, the new node publishes nothing
-until a subscriber has registered there, and by then every subscriber of the old node has been
-unsubscribed (the old node sends that the moment it gives the slot up, before any subscriber can
-learn of the move and register elsewhere) or is still subscribed to a node that gets the
-messages (a replica of the promoted master).
+until a subscriber has registered there. By then a subscriber of the old node has been
+unsubscribed (a migration: the old node sends that the moment it gives the slot up, before any
+subscriber can learn of the move and register elsewhere), lost its connection (a master that
+died), or will hear from its ownership probe within a health check (a master cut off from its
+cluster: the one window left, as long as a half-open connection's). Anchors live without a TTL;
+one lost (evicted, or missing on a promoted replica) opens the fence until the next
+subscription writes it again.
 
 Why our own subscriber rather than redis-py's ``ShardedPubSub``: redis-py resubscribes after a
 reconnect or a slot move without telling anyone, and the cache must know (a missed message must
@@ -44,11 +50,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
-from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
-from ._resp import Link, RespError
+from ._resp import INCOMPLETE, Link, RespError, RespReader
 from ._subscriber import SubscriberThread
 
 if TYPE_CHECKING:
@@ -64,6 +69,47 @@ Address = tuple[str, int]
 
 class SlotMoved(ConnectionError):
     """A subscribed channel's slot left its node, or was never there: resubscribe."""
+
+
+class OwnershipProbe:
+    """A second connection to a subscribed master that asks it, every ``interval``, for one of
+    its buckets' anchors, which must still name it. A subscribed connection alone cannot tell:
+    a master cut off from its cluster keeps answering PING while the others promote its
+    replica, and never unsubscribes anyone. Such a node answers ``CLUSTERDOWN`` once it sees it
+    is cut off, a node that gave the slot up answers ``MOVED`` (or ``ASK`` while it migrates),
+    and an anchor that names another node means subscribers registered elsewhere: each is a
+    blind period."""
+
+    def __init__(self, conn: Any, anchor: str, node_id: bytes, link: Link) -> None:
+        self.conn, self.anchor, self.node_id = conn, anchor, node_id
+        self.sock = conn._sock
+        self.reader = RespReader(self.sock)
+        self.interval, self.timeout = link.interval, link.timeout
+        self.sent_at: float | None = None
+        self.next_at = time.monotonic() + self.interval
+        self.sock.setblocking(False)
+
+    def due(self, now: float) -> float:
+        if self.sent_at is None and now >= self.next_at:
+            self.conn.send_packed_command(self.conn.pack_command("GET", self.anchor), False)
+            self.sent_at = now
+        if self.sent_at is not None:
+            if now - self.sent_at > self.timeout:
+                where = f"{self.conn.host}:{self.conn.port}"
+                raise TimeoutError(f"no answer from {where} within {self.timeout:.3f}s")
+            return self.sent_at + self.timeout - now
+        return self.next_at - now
+
+    def on_readable(self) -> None:
+        self.reader.fill()
+        while (reply := self.reader.next()) is not INCOMPLETE:
+            where = f"{self.conn.host}:{self.conn.port}"
+            if isinstance(reply, RespError):
+                raise SlotMoved(f"{where} answers {reply} for its bucket's anchor")
+            if reply != self.node_id:
+                raise SlotMoved(f"the anchor on {where} names {reply!r}: subscribers moved")
+            self.sent_at = None
+            self.next_at = time.monotonic() + self.interval
 
 
 class RedisShardedPubSubTransport(SubscriberThread):
@@ -116,14 +162,9 @@ class RedisShardedPubSubTransport(SubscriberThread):
 
     def publish(self, message: bytes) -> None:
         """For a store whose scripts cannot publish: every message on the first bucket's
-        channel (one channel keeps them in order; every subscriber listens to all)."""
-        try:
-            client: Any = self.l2.client
-            client.spublish(self._channels[0], message)
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise BackendUnavailableError(
-                f"publish on {self._channels[0]!r} failed: {exc}"
-            ) from exc
+        channel (one channel keeps them in order; every subscriber listens to all), through
+        the fence."""
+        self.l2.publish(0, message)
 
     # -- subscribing --------------------------------------------------------------------------
 
@@ -164,9 +205,9 @@ class RedisShardedPubSubTransport(SubscriberThread):
             return owners
         raise ConnectionError(f"no node answers CLUSTER SLOTS ({'; '.join(errors)})")
 
-    def _register(self, address: Address, buckets: list[int]) -> Link:
+    def _register(self, address: Address, buckets: list[int]) -> tuple[Link, OwnershipProbe]:
         """Connect to ``address``, write its id to the buckets' anchors, subscribe to their
-        channels. Returns the subscribed link."""
+        channels. Returns the subscribed link and its ownership probe."""
         host, port = address
         conn: Any = redis.Connection(host=host, port=port, **self._options)  # type: ignore[no-untyped-call]
         self._conns.append(conn)
@@ -199,14 +240,20 @@ class RedisShardedPubSubTransport(SubscriberThread):
                 raise ConnectionError(f"unexpected SSUBSCRIBE reply {reply!r}")
             confirmed += 1
         link.listening()
-        return link
+        control: Any = redis.Connection(host=host, port=port, **self._options)  # type: ignore[no-untyped-call]
+        self._conns.append(control)
+        control.connect()
+        return link, OwnershipProbe(control, self._anchors[buckets[0]], node_id, link)
 
     def _subscribe_and_listen(self, listener: BackplaneListener) -> None:
         by_node: dict[Address, list[int]] = defaultdict(list)
         for bucket, address in self._slot_map().items():
             by_node[address].append(bucket)
-        links = [self._register(address, buckets) for address, buckets in by_node.items()]
+        registered = [self._register(address, buckets) for address, buckets in by_node.items()]
+        links = [link for link, _ in registered]
+        probes = {probe.sock: probe for _, probe in registered}
         socks = [link.sock for link in links]
+        watched = socks + list(probes)
         self.connects += 1
         self.progress.subscribed(*socks)
         listener.on_connected()
@@ -225,14 +272,20 @@ class RedisShardedPubSubTransport(SubscriberThread):
             if now >= next_tick:
                 self._safe_call(listener.on_tick)
                 next_tick = now + TICK_INTERVAL
-            wait = min(link.due(now) for link in links)
+            wait = min(
+                min(link.due(now) for link in links),
+                min(probe.due(now) for probe in probes.values()),
+            )
             if not any(link.reader.partial for link in links):  # part of a reply: stay busy
                 self.progress.idle()
-            readable, _, _ = select.select(socks, (), (), max(0.0, min(wait, next_tick - now)))
+            readable, _, _ = select.select(watched, (), (), max(0.0, min(wait, next_tick - now)))
             self.progress.busy = True
             for link in links:
                 if link.sock in readable:
                     link.reader.fill()
+            for sock in readable:
+                if sock in probes:
+                    probes[sock].on_readable()
 
     def _close_conns(self) -> None:
         conns, self._conns = self._conns, []

@@ -172,6 +172,27 @@ def test_each_bucket_is_subscribed_on_its_master_and_the_anchors_name_it(
         assert channels == [l2.channel(bucket).encode()]
 
 
+def test_a_master_that_no_longer_vouches_for_its_slots_makes_its_subscribers_blind(
+    make_cache: Callable[..., HybridCache], cluster: LocalCluster
+) -> None:
+    """The ownership probe: a master whose answer about a bucket's anchor is not itself (here
+    the anchor names another node, as after subscribers registered elsewhere; a master cut off
+    from its cluster answers CLUSTERDOWN) makes its subscribers blind within a health check,
+    though their subscribed connections are fine; they register again, which writes the
+    anchor back."""
+    reader = make_cache()
+    l2: Any = reader.l2
+    reader.get_or_set("k", lambda: "v1")
+    owner = cluster.master_of_slot(l2.client.keyslot(l2.anchor(0)))
+    with cluster.client(owner) as client:
+        mine = client.get(l2.anchor(0))
+        client.set(l2.anchor(0), "somebody-else")
+    wait_until(lambda: reader.stats()["blind_periods"] == 1, what="blind")
+    wait_until(lambda: reader.subscribed, what="registered again")
+    with cluster.client(owner) as client:
+        assert client.get(l2.anchor(0)) == mine
+
+
 def test_a_slot_that_moved_publishes_nothing_until_its_subscribers_follow(
     make_cache: Callable[..., HybridCache], cluster: LocalCluster
 ) -> None:
