@@ -17,7 +17,9 @@ Rows: ``raw PUBLISH`` (redis-py subscriber processes), ``hybridinval`` (Redis Pu
 ``hybridinval (hub)`` (the same behind one host hub); with ``--amqp``, ``raw kombu publish`` and
 ``hybridinval (RabbitMQ)``; with ``--cluster`` (a private 3-master cluster), ``raw SPUBLISH``
 (redis-py's sharded Pub/Sub on one channel), ``hybridinval (cluster)`` (sharded, a channel per
-bucket) and ``hybridinval (cluster, hub)``. Every subscriber is a forked process of this one,
+bucket) and ``hybridinval (cluster, hub)``. Each row runs ``--repeats`` times (3), the rows
+taken in turn, and every figure is the median of its runs. Every subscriber is a forked
+process of this one,
 idle but for the backplane; all run on this machine. Linux only (``/proc``). Results in
 ``benchmarks/results/fanout.{json,md,png}``.
 """
@@ -287,18 +289,26 @@ def measure(
         def cpus() -> list[float]:
             return [_cpu_seconds(pid) for pid in pids] + [_redis_cpu(probes)]
 
-        # What everything spends idle (health checks, ticks, Redis's cron) over a window as
-        # long as the message phase: subtracted, so the figures are per message.
+        # What everything spends idle (health checks, ticks, Redis's cron) over windows as
+        # long as the message phase, before and after it: the smaller is subtracted (the
+        # other may have caught the previous row's processes going away), so the figures are
+        # per message.
+        time.sleep(1.5)
         idle_start = cpus()
         time.sleep(window)
-        idle = [b - a for a, b in zip(idle_start, cpus(), strict=True)]
+        idle_before = [b - a for a, b in zip(idle_start, cpus(), strict=True)]
         busy_start = cpus()
         for i in range(messages):
             sent_at[i] = time.time_ns()
             sender.send(i)
             time.sleep(interval)
         time.sleep(0.5)
-        net = [b - a - i for a, b, i in zip(busy_start, cpus(), idle, strict=True)]
+        busy = [b - a for a, b in zip(busy_start, cpus(), strict=True)]
+        idle_start = cpus()
+        time.sleep(window)
+        idle_after = [b - a for a, b in zip(idle_start, cpus(), strict=True)]
+        idle = [min(x, y) for x, y in zip(idle_before, idle_after, strict=True)]
+        net = [b - i for b, i in zip(busy, idle, strict=True)]
         cpu = net[-1]
         sub_cpu = sorted(net[: len(procs)])
         hub_cpu = net[len(procs)] if hub is not None and hub.pid else None
@@ -359,6 +369,18 @@ def measure(
         "keys_per_s_1_writer": rates[1],
         "keys_per_s_4_writers": rates[4],
     }
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the runs of one row (``lost``: the total)."""
+    row = dict(runs[0])
+    for field, value in runs[0].items():
+        if isinstance(value, (int, float)) and field not in ("subscribers", "messages"):
+            values = sorted(r[field] for r in runs if r[field] is not None)
+            row[field] = values[len(values) // 2] if values else None
+    row["lost"] = sum(r["lost"] for r in runs)
+    row["runs"] = len(runs)
+    return row
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -462,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--throughput-seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; medians reported")
     args = parser.parse_args(argv)
     redis_url = args.redis_url or DEFAULT_REDIS_URL
     amqp_url = args.amqp_url or DEFAULT_AMQP_URL
@@ -471,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         modes = [m for m in modes if m in args.modes.split(",")]
     started = time.monotonic()
-    rows = []
+    rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         nodes = None
         if args.cluster:
@@ -481,22 +504,27 @@ def main(argv: list[str] | None = None) -> int:
             cluster = stack.enter_context(LocalCluster(masters=3, replicas=0))
             nodes = [(n.host, n.port) for n in cluster.nodes]
         for size in sizes:
-            for mode in modes:
-                print(
-                    f"[{time.monotonic() - started:6.1f}s] {mode}, {size} subscribers", flush=True
-                )
-                rows.append(
-                    measure(
-                        mode,
-                        size,
-                        redis_url=redis_url,
-                        amqp_url=amqp_url,
-                        messages=args.messages,
-                        interval=args.interval_ms / 1000,
-                        throughput_seconds=args.throughput_seconds,
-                        cluster_nodes=nodes,
+            runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+            for repeat in range(args.repeats):  # the rows rotated, so noise hits them alike
+                for mode in modes:
+                    print(
+                        f"[{time.monotonic() - started:6.1f}s] {mode}, {size} subscribers "
+                        f"({repeat + 1}/{args.repeats})",
+                        flush=True,
                     )
-                )
+                    runs[mode].append(
+                        measure(
+                            mode,
+                            size,
+                            redis_url=redis_url,
+                            amqp_url=amqp_url,
+                            messages=args.messages,
+                            interval=args.interval_ms / 1000,
+                            throughput_seconds=args.throughput_seconds,
+                            cluster_nodes=nodes,
+                        )
+                    )
+            rows.extend(_median_row(runs[mode]) for mode in modes)
     results = {
         "command": "python -m benchmarks.fanout " + " ".join(argv or sys.argv[1:]),
         "python": sys.version.split()[0],
@@ -507,7 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(results)
     print(table)
-    full = sizes == [8, 32, 128] and args.amqp and args.cluster and not args.modes
+    full = (
+        sizes == [8, 32, 128]
+        and args.amqp
+        and args.cluster
+        and not args.modes
+        and args.repeats >= 3
+    )
     out = args.out if full else args.out / "partial"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fanout.json").write_text(json.dumps(results, indent=1))

@@ -20,7 +20,7 @@ def test_a_tiny_fanout_run_measures_every_row(
     argv = [
         "--redis-url", redis_url, "--amqp-url", amqp_url, "--amqp", "--cluster", "--sizes", "2",
         "--messages", "10", "--interval-ms", "5", "--throughput-seconds", "0.3",
-        "--out", str(tmp_path),
+        "--out", str(tmp_path), "--repeats", "1",
     ]  # fmt: skip
     assert fanout.main(argv) == 0
     written = tmp_path / "partial"  # not the full sizes: never over the committed results
