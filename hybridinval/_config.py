@@ -151,13 +151,12 @@ class CacheConfig:
             _positive(name, getattr(self, name))
         for name in ("health_check_interval", "health_check_timeout", "backplane_queue_expires"):
             _positive(name, getattr(self, name))
-        if self.backplane_hub is not None and not (
-            isinstance(self.backplane_hub, str) and self.backplane_hub
-        ):
-            raise ValueError(
-                f"backplane_hub must be a Unix socket path (or None), got {self.backplane_hub!r}"
-            )
         if self.backplane_hub is not None:
+            if not isinstance(self.backplane_hub, str) or not self.backplane_hub:
+                raise ValueError(
+                    f"backplane_hub must be a Unix socket path (or None), "
+                    f"got {self.backplane_hub!r}"
+                )
             check_socket_path("backplane_hub", self.backplane_hub)
         if self.backplane is not None and not (
             isinstance(self.backplane, str) and self.backplane.startswith(("amqp://", "amqps://"))
@@ -171,7 +170,8 @@ class CacheConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.l1_lease is not None:
             _positive("l1_lease", self.l1_lease)
-        if not isinstance(self.failover_replay, (int, float)) or self.failover_replay < 0:
+        replay = self.failover_replay
+        if isinstance(replay, bool) or not isinstance(replay, int | float) or replay < 0:
             raise ValueError(f"failover_replay must be >= 0 seconds, got {self.failover_replay!r}")
         if self.l1_lease_wait < 0:
             raise ValueError(f"l1_lease_wait must be >= 0, got {self.l1_lease_wait!r}")

@@ -170,7 +170,7 @@ class RedisClusterL2:
     @property
     def channels(self) -> str:
         """The channel layout, for the logs (one channel per bucket)."""
-        return self._tags[0].replace(":0}", ":*}") + "inval"
+        return f"hi:{{{self.keyspace.namespace}:*}}:inval"
 
     # -- the L2Store protocol ------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class RedisClusterL2:
         by_bucket: dict[int, list[str]] = defaultdict(list)
         for key in keys:
             by_bucket[self.bucket(key)].append(key)
-        calls = []
+        calls: list[tuple[list[str], tuple[Any, ...]]] = []
         for bucket, members in by_bucket.items():
             names = [self.names(k) for k in members]
             redis_keys = [d for d, _ in names] + [v for _, v in names] + [self.anchor(bucket)]
@@ -239,27 +239,29 @@ class RedisClusterL2:
         try:
             if len(calls) == 1:
                 self._eval("invalidate", *calls[0])
-                return
-            client: Any = self.client  # redis-py's cluster API is partly untyped
-            pipe = client.pipeline()
-            sha = self._scripts["invalidate"].sha
-            for redis_keys, args in calls:
-                pipe.evalsha(sha, len(redis_keys), *redis_keys, *args)
-            pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            else:
+                self._pipelined(calls)
+        except _ERRORS as exc:
             raise BackendUnavailableError(
                 f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
             ) from exc
+
+    def _pipelined(self, calls: list[tuple[list[str], tuple[Any, ...]]]) -> None:
+        """The invalidation scripts of several buckets in one pipeline."""
+        client: Any = self.client  # redis-py's cluster API is partly untyped
+        pipe = client.pipeline()
+        sha = self._scripts["invalidate"].sha
+        for redis_keys, args in calls:
+            pipe.evalsha(sha, len(redis_keys), *redis_keys, *args)
+        try:
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
         except _ERRORS:
             # A node lost its scripts, or a slot is moving (redis-py's pipeline gives up on a
             # redirection the single call follows): each bucket again, alone. Idempotent.
-            try:
-                for redis_keys, args in calls:
-                    self._eval("invalidate", redis_keys, args)
-            except _ERRORS as exc:
-                raise BackendUnavailableError(
-                    f"L2 invalidation of {len(keys)} key(s) failed: {exc}"
-                ) from exc
+            for redis_keys, args in calls:
+                self._eval("invalidate", redis_keys, args)
 
     def publish(self, bucket: int, message: bytes) -> None:
         """``message`` on ``bucket``'s channel, behind the same fence as the write scripts (for

@@ -46,7 +46,7 @@ def encode_message(sender: str, seq: int, keys: Sequence[str], *, flush: bool = 
     if flush:
         body["f"] = 1
     body["k"] = list(keys)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return _dump(body)
 
 
 def with_keys(payload: bytes, keys: Sequence[str]) -> bytes:
@@ -55,6 +55,10 @@ def with_keys(payload: bytes, keys: Sequence[str]) -> bytes:
     and send time unchanged)."""
     body = json.loads(payload)
     body["k"] = list(keys)
+    return _dump(body)
+
+
+def _dump(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["INCOMPLETE", "Link", "RespError", "RespReader"]
+__all__ = ["INCOMPLETE", "Link", "RespError", "RespReader", "subscriber_options"]
 
 
 class RespError(Exception):
@@ -119,16 +119,37 @@ class RespReader:
         raise ConnectionError(f"unexpected RESP type byte {chr(kind)!r} from Redis")
 
 
-class Link:
-    """One subscribed connection (a redis-py ``Connection``, connected): its reader and its
-    health check. A PING goes out every ``interval`` after the last PONG; a PONG later than
-    ``timeout`` means the link is dead (half-open), and :meth:`due` raises."""
+def subscriber_options(
+    health_check_interval: float, health_check_timeout: float, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """redis-py connection options of a subscriber's connections. RESP2 whatever ``options``
+    say: :class:`RespReader` parses the classic Pub/Sub shape (redis-py 8 defaults to RESP3
+    push frames)."""
+    if health_check_interval <= 0 or health_check_timeout <= 0:
+        raise ValueError("health_check_interval and health_check_timeout must be > 0")
+    return {
+        "socket_timeout": health_check_timeout,
+        "socket_connect_timeout": 1.0,
+        **(options or {}),
+        "protocol": 2,
+    }
 
-    def __init__(self, conn: Any, interval: float, timeout: float) -> None:
+
+class Link:
+    """One connection (a redis-py ``Connection``, connected) read by a subscriber thread: its
+    reader and its health check. ``probe`` goes out every ``interval`` after the last answer
+    (:meth:`answered`); an answer later than ``timeout`` means the link is dead (half-open),
+    and :meth:`due` raises. On a subscribed connection the probe is a PING, whose PONG
+    :meth:`replies` takes itself."""
+
+    def __init__(
+        self, conn: Any, interval: float, timeout: float, probe: tuple[str, ...] = ("PING",)
+    ) -> None:
         self.conn = conn
         self.sock = conn._sock
         self.reader = RespReader(self.sock)
         self.interval, self.timeout = interval, timeout
+        self.probe = probe
         self.ping_sent_at: float | None = None
         self.next_ping = time.monotonic() + interval
 
@@ -162,20 +183,29 @@ class Link:
             if reply is INCOMPLETE:
                 return
             if isinstance(reply, list) and reply and reply[0] == b"pong":
-                self.ping_sent_at = None
-                self.next_ping = time.monotonic() + self.interval
+                self.answered()
                 continue
             yield reply
 
+    def answered(self) -> None:
+        """The probe was answered: the next goes out ``interval`` from now."""
+        self.ping_sent_at = None
+        self.next_ping = time.monotonic() + self.interval
+
+    @property
+    def where(self) -> str:
+        return f"{self.conn.host}:{self.conn.port}"
+
     def due(self, now: float) -> float:
-        """Send the PING that is due; raise if a PONG is overdue. Returns the seconds until
-        this link next needs attention."""
+        """Send the probe that is due; raise if its answer is overdue. Returns the seconds
+        until this link next needs attention."""
         if self.ping_sent_at is None and now >= self.next_ping:
-            self.conn.send_command("PING", check_health=False)
+            self.conn.send_command(*self.probe, check_health=False)
             self.ping_sent_at = now
         if self.ping_sent_at is not None:
             if now - self.ping_sent_at > self.timeout:
-                where = f"{self.conn.host}:{self.conn.port}"
-                raise TimeoutError(f"no PONG from {where} within {self.timeout:.3f}s")
+                raise TimeoutError(
+                    f"no answer to {self.probe[0]} from {self.where} within {self.timeout:.3f}s"
+                )
             return self.ping_sent_at + self.timeout - now
         return self.next_ping - now

@@ -95,18 +95,16 @@ class HubTransport(SubscriberThread):
         self._sock = sock
         sock.connect(self.path)
         sock.setblocking(False)  # each wake-up: one select(), one recv (what came, all of it)
-        buffer = bytearray()
         fds: list[int] = []
         try:
-            self._listen(sock, buffer, fds, listener)
+            self._listen(sock, fds, listener)
         finally:
             for fd in fds:  # received but never claimed by a frame
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _listen(
-        self, sock: socket.socket, buffer: bytearray, fds: list[int], listener: BackplaneListener
-    ) -> None:
+    def _listen(self, sock: socket.socket, fds: list[int], listener: BackplaneListener) -> None:
+        buffer = bytearray()
         next_tick = 0.0
         while not self._stop.is_set():
             now = time.monotonic()

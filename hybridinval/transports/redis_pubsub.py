@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from .._l2 import L2Store, RedisL2, redis_endpoint
 from ..errors import BackendUnavailableError
 from ._base import TICK_INTERVAL, BackplaneListener
-from ._resp import Link
+from ._resp import Link, subscriber_options
 from ._subscriber import SubscriberThread
 
 __all__ = ["RedisPubSubTransport"]
@@ -64,8 +64,9 @@ class RedisPubSubTransport(SubscriberThread):
         """``locate``: returns the ``redis://`` URL to connect to now, asked at every
         (re)connect (the master of a Sentinel-managed service); default: ``url``. ``endpoint``:
         which server that is, for :meth:`script_channel`, when ``url`` does not say."""
-        if health_check_interval <= 0 or health_check_timeout <= 0:
-            raise ValueError("health_check_interval and health_check_timeout must be > 0")
+        self._options = subscriber_options(
+            health_check_interval, health_check_timeout, connection_options
+        )
         self.url = url
         self.channel = channel
         self._locate = locate
@@ -73,14 +74,6 @@ class RedisPubSubTransport(SubscriberThread):
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
-        # RESP2, whatever the options say: the subscriber's reader (_resp) parses the classic
-        # Pub/Sub shape (redis-py 8 defaults to RESP3 push frames).
-        self._options: dict[str, Any] = {
-            "socket_timeout": health_check_timeout,
-            "socket_connect_timeout": 1.0,
-            **(connection_options or {}),
-            "protocol": 2,
-        }
         self._publisher: redis.Redis | None = None
         self._conn: Any = None
         self._init_thread()

@@ -53,7 +53,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from ._base import TICK_INTERVAL, BackplaneListener
-from ._resp import INCOMPLETE, Link, RespError, RespReader
+from ._resp import Link, RespError, subscriber_options
 from ._subscriber import SubscriberThread
 
 if TYPE_CHECKING:
@@ -81,35 +81,23 @@ class OwnershipProbe:
     blind period."""
 
     def __init__(self, conn: Any, anchor: str, node_id: bytes, link: Link) -> None:
-        self.conn, self.anchor, self.node_id = conn, anchor, node_id
-        self.sock = conn._sock
-        self.reader = RespReader(self.sock)
-        self.interval, self.timeout = link.interval, link.timeout
-        self.sent_at: float | None = None
-        self.next_at = time.monotonic() + self.interval
-        self.sock.setblocking(False)
+        self.node_id = node_id
+        self.link = Link(conn, link.interval, link.timeout, probe=("GET", anchor))
+        self.link.listening()
+        self.sock = self.link.sock
 
     def due(self, now: float) -> float:
-        if self.sent_at is None and now >= self.next_at:
-            self.conn.send_packed_command(self.conn.pack_command("GET", self.anchor), False)
-            self.sent_at = now
-        if self.sent_at is not None:
-            if now - self.sent_at > self.timeout:
-                where = f"{self.conn.host}:{self.conn.port}"
-                raise TimeoutError(f"no answer from {where} within {self.timeout:.3f}s")
-            return self.sent_at + self.timeout - now
-        return self.next_at - now
+        return self.link.due(now)
 
     def on_readable(self) -> None:
-        self.reader.fill()
-        while (reply := self.reader.next()) is not INCOMPLETE:
-            where = f"{self.conn.host}:{self.conn.port}"
+        link = self.link
+        link.reader.fill()
+        for reply in link.replies():
             if isinstance(reply, RespError):
-                raise SlotMoved(f"{where} answers {reply} for its bucket's anchor")
+                raise SlotMoved(f"{link.where} answers {reply} for its bucket's anchor")
             if reply != self.node_id:
-                raise SlotMoved(f"the anchor on {where} names {reply!r}: subscribers moved")
-            self.sent_at = None
-            self.next_at = time.monotonic() + self.interval
+                raise SlotMoved(f"the anchor on {link.where} names {reply!r}: subscribers moved")
+            link.answered()
 
 
 class RedisShardedPubSubTransport(SubscriberThread):
@@ -131,8 +119,9 @@ class RedisShardedPubSubTransport(SubscriberThread):
         reconnect_backoff: tuple[float, float] = (0.05, 2.0),
         connection_options: dict[str, Any] | None = None,
     ) -> None:
-        if health_check_interval <= 0 or health_check_timeout <= 0:
-            raise ValueError("health_check_interval and health_check_timeout must be > 0")
+        self._options = subscriber_options(
+            health_check_interval, health_check_timeout, connection_options
+        )
         if not seeds:
             raise ValueError("seeds: at least one node of the cluster")
         self.l2 = l2
@@ -144,13 +133,6 @@ class RedisShardedPubSubTransport(SubscriberThread):
         self.health_check_interval = health_check_interval
         self.health_check_timeout = health_check_timeout
         self._backoff_min, self._backoff_max = reconnect_backoff
-        # RESP2 whatever the options say, as for RedisPubSubTransport (its reader parses it).
-        self._options: dict[str, Any] = {
-            "socket_timeout": health_check_timeout,
-            "socket_connect_timeout": 1.0,
-            **(connection_options or {}),
-            "protocol": 2,
-        }
         self._conns: list[Any] = []
         self._init_thread()
 
