@@ -322,6 +322,33 @@ class TransportContract:
             proven = receiver.caught_up(1.0)
             assert proven is not None and proven >= before
 
+    #: How long the backlog of :meth:`test_a_listener_behind_a_backlog_stays_subscribed` takes
+    #: to drain; longer than the transport's health check (interval plus timeout).
+    backlog_seconds = 3.0
+
+    def test_a_listener_behind_a_backlog_stays_subscribed(self) -> None:
+        """A subscriber busy with a backlog is behind, not cut off: the answer to its health
+        check waits behind the messages it has not read yet. It must not go blind (it missed
+        nothing), and every message arrives, in order."""
+        with self.started(2) as pairs:
+            (sender, _), (_, listener) = pairs
+            delay = 0.005  # per message: the sender publishes much faster than this
+            record = listener.on_message
+
+            def slow(payload: bytes) -> None:
+                time.sleep(delay)
+                record(payload)
+
+            listener.on_message = slow  # type: ignore[method-assign]
+            sent = [b"%06d:" % i + b"x" * 200 for i in range(int(self.backlog_seconds / delay))]
+            for message in sent:  # far more than one read's worth
+                sender.publish(message)
+            assert _eventually(
+                lambda: len(listener.messages) == len(sent), 20 * self.backlog_seconds
+            )
+            assert listener.events == ["connected"], listener.events
+            assert listener.messages == sent
+
     def test_ticks_keep_coming(self) -> None:
         with self.started(1) as pairs:
             _, listener = pairs[0]

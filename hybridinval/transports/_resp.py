@@ -59,6 +59,12 @@ class RespReader:
             self._buf += self.sock.recv(self.sock.pending())
         return True
 
+    def readable(self) -> bool:
+        """Whether a :meth:`fill` now would get something (or EOF), without reading."""
+        if self._tls and self.sock.pending():
+            return True
+        return bool(select.select((self.sock,), (), (), 0)[0])
+
     @property
     def partial(self) -> bool:
         """Whether bytes of a reply not yet whole are buffered (its subscriber is not idle)."""
@@ -204,6 +210,10 @@ class Link:
             self.ping_sent_at = now
         if self.ping_sent_at is not None:
             if now - self.ping_sent_at > self.timeout:
+                if self.reader.readable():
+                    # Behind, not cut off: the answer may wait behind replies not read yet (a
+                    # backlog larger than one recv). A half-open socket never turns readable.
+                    return 0.0
                 raise TimeoutError(
                     f"no answer to {self.probe[0]} from {self.where} within {self.timeout:.3f}s"
                 )

@@ -298,12 +298,17 @@ class KombuTransport:
         next_tick = 0.0
         next_beat = time.monotonic() + self.heartbeat / 2
         while not self._stop.is_set():
-            # Apply every frame the socket holds (py-amqp reads no further than a frame).
+            # Apply every frame the socket holds (py-amqp reads no further than a frame). A
+            # backlog can take longer than the broker waits for our heartbeat: send it between
+            # frames too, or the broker takes a busy subscriber for a dead one.
             while _readable(sock):
                 try:
                     raw.drain_events(timeout=0)
                 except TimeoutError:
                     break
+                if time.monotonic() >= next_beat:
+                    conn.heartbeat_check()
+                    next_beat = time.monotonic() + self.heartbeat / 2
             if pending:
                 channel.basic_ack(pending[-1], multiple=True)
                 pending.clear()
