@@ -11,7 +11,9 @@ run, against the raw client of the same broker:
   subscribers);
 * **subscriber CPU per message**: each subscriber process's own CPU time (``/proc``) over the
   message phase, divided by the messages; the median process; and the hub's, where there is one;
-* **keys per second** that one writer process, and four, can invalidate (one key per call).
+* **keys per second** that one writer process, and four, can invalidate (one key per call),
+  with every subscriber listening; and **Redis CPU per key** with four writers, counted until
+  Redis has written out what it owes the subscribers (their output buffers are empty).
 
 Rows: ``raw PUBLISH`` (redis-py subscriber processes), ``hybridinval`` (Redis Pub/Sub) and
 ``hybridinval (hub)`` (the same behind one host hub); with ``--amqp``, ``raw kombu publish`` and
@@ -19,9 +21,8 @@ Rows: ``raw PUBLISH`` (redis-py subscriber processes), ``hybridinval`` (Redis Pu
 (redis-py's sharded Pub/Sub on one channel), ``hybridinval (cluster)`` (sharded, a channel per
 bucket) and ``hybridinval (cluster, hub)``. Each row runs ``--repeats`` times (3), the rows
 taken in turn, and every figure is the median of its runs. Every subscriber is a forked
-process of this one,
-idle but for the backplane; all run on this machine. Linux only (``/proc``). Results in
-``benchmarks/results/fanout.{json,md,png}``.
+process of this one, idle but for the backplane; all run on this machine. Linux only
+(``/proc``). Results in ``benchmarks/results/fanout.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -145,17 +146,19 @@ def _subscriber(mode: str, spec: dict[str, Any], ready: Any, done: Any, out: Con
         options = _cache_options(mode, spec)
         cache = HybridCache.from_url(spec["redis_url"], namespace=spec["namespace"], **options)
         assert cache.wait_until_subscribed(60)
-        coherence = cache._coherence
-        apply = coherence.on_message
-        decode = json.loads
+        # Stamped right after the eviction, with the keys the cache decoded (no second decode
+        # on our account).
+        l1 = cache._local.l1
+        evict_many = l1.evict_many
 
-        def stamped(payload: bytes) -> None:
-            apply(payload)  # evicts
-            keys = decode(payload).get("k") or ()
+        def stamped(keys: Any) -> int:
+            evicted = evict_many(keys)
+            stamp = now()
             for key in keys:
-                stamps[int(key[1:])] = now()
+                stamps[int(key[1:])] = stamp
+            return evicted
 
-        coherence.on_message = stamped  # type: ignore[method-assign]
+        l1.evict_many = stamped  # type: ignore[method-assign]
         ready.release()
         done.wait()
         cache.close()
@@ -168,6 +171,7 @@ def _subscriber(mode: str, spec: dict[str, Any], ready: Any, done: Any, out: Con
 class _Sender:
     def __init__(self, mode: str, spec: dict[str, Any]) -> None:
         self.mode = mode
+        self.closed = False
         if mode == "raw PUBLISH":
             self.client = redis.Redis.from_url(spec["redis_url"], protocol=2)
             channel = spec["channel"]
@@ -186,9 +190,8 @@ class _Sender:
         else:
             from hybridinval import HybridCache
 
-            # A writer subscribes directly: only the subscribers measured sit behind the hub.
+            # Behind the hub too, in its rows, as every process of a host would be.
             options = _cache_options(mode, spec)
-            options.pop("backplane_hub", None)
             self.cache = HybridCache.from_url(
                 spec["redis_url"], namespace=spec["namespace"], **options
             )
@@ -196,6 +199,9 @@ class _Sender:
             self.send = lambda i: self.cache.invalidate(f"k{i}")
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.mode in ("raw PUBLISH", "raw SPUBLISH"):
             self.client.close()
         elif self.mode == "raw kombu publish":
@@ -230,6 +236,45 @@ def _redis_cpu(clients: list[redis.Redis]) -> float:
     return total
 
 
+def _drained(probes: list[redis.Redis], timeout: float = 60.0) -> None:
+    """Wait until Redis holds nothing more for its Pub/Sub clients: what it still has to write
+    to a lagging subscriber is CPU the keys cost."""
+    deadline = time.monotonic() + timeout
+    while any(int(c.get("omem", 0)) for probe in probes for c in probe.client_list(_type="pubsub")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the subscribers did not catch up within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _throughput(
+    ctx: Any,
+    mode: str,
+    spec: dict[str, Any],
+    writers: int,
+    seconds: float,
+    probes: list[redis.Redis],
+) -> tuple[int, float]:
+    """Keys per second that ``writers`` processes invalidate together, and Redis CPU seconds
+    per key meanwhile."""
+    go = ctx.Event()
+    outs, procs = [], []
+    for _ in range(writers):
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_writer, args=(mode, spec, seconds, go, theirs))
+        proc.start()
+        outs.append(ours)
+        procs.append(proc)
+    time.sleep(0.5)
+    cpu_start = _redis_cpu(probes)
+    go.set()
+    total = sum(pipe.recv() for pipe in outs)
+    _drained(probes)
+    cpu = _redis_cpu(probes) - cpu_start
+    for proc in procs:
+        proc.join(30)
+    return round(total / seconds), cpu / max(1, total)
+
+
 def measure(
     mode: str,
     subscribers: int,
@@ -260,10 +305,10 @@ def measure(
         from hybridinval.keyspace import Keyspace
 
         spec["channel"] = Keyspace(spec["namespace"]).channel
-    ready, done = ctx.Semaphore(0), ctx.Event()
+    ready, done, hub_done = ctx.Semaphore(0), ctx.Event(), ctx.Event()
     hub = None
     if mode.endswith("hub)"):
-        hub = ctx.Process(target=_hub, args=(spec, ready, done), daemon=True)
+        hub = ctx.Process(target=_hub, args=(spec, ready, hub_done), daemon=True)
         hub.start()
         if not ready.acquire(timeout=60):
             raise RuntimeError(f"{mode}: the hub did not start")
@@ -275,6 +320,8 @@ def measure(
         pipes.append(ours)
         procs.append(proc)
     sender = _Sender(mode, spec)
+    rates: dict[int, int] = {}
+    per_key: dict[int, float] = {}
     try:
         for _ in range(subscribers):
             if not ready.acquire(timeout=120):
@@ -312,16 +359,28 @@ def measure(
         cpu = net[-1]
         sub_cpu = sorted(net[: len(procs)])
         hub_cpu = net[len(procs)] if hub is not None and hub.pid else None
+        # Closed before the writers fork: no thread of ours may hold a lock at a fork.
+        sender.close()
+        # Throughput with every subscriber listening: what a writer can invalidate, and what
+        # Redis spends per key, is what the fan-out costs.
+        for writers in (1, 4):
+            rates[writers], per_key[writers] = _throughput(
+                ctx, mode, spec, writers, throughput_seconds, probes
+            )
         done.set()
         stamps = [pipe.recv() for pipe in pipes]
     finally:
         done.set()
-        # Closed before the writers fork below: no thread of ours may hold a lock at a fork.
         sender.close()
-        for proc in [*procs, *([hub] if hub is not None else [])]:
+        for proc in procs:
             proc.join(30)
             if proc.is_alive():
                 proc.terminate()  # ours, by handle
+        hub_done.set()  # after its processes: none of them sees it go
+        if hub is not None:
+            hub.join(30)
+            if hub.is_alive():
+                hub.terminate()
     slowest = []
     lost = 0
     for i, sent in sent_at.items():
@@ -331,24 +390,6 @@ def measure(
             slowest.append((max(arrivals) - sent) / 1000)
     slowest.sort()
     n = len(slowest)
-    rates, busy_cpu = {}, {}
-    for writers in (1, 4):
-        go = ctx.Event()
-        outs, wprocs = [], []
-        for _ in range(writers):
-            ours, theirs = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_writer, args=(mode, spec, throughput_seconds, go, theirs))
-            proc.start()
-            outs.append(ours)
-            wprocs.append(proc)
-        time.sleep(0.5)
-        cpu_start = _redis_cpu(probes)
-        go.set()
-        total = sum(pipe.recv() for pipe in outs)
-        busy_cpu[writers] = (_redis_cpu(probes) - cpu_start) / max(1, total)
-        for proc in wprocs:
-            proc.join(30)
-        rates[writers] = round(total / throughput_seconds)
     for probe in probes:
         probe.close()
     per_message = sub_cpu[len(sub_cpu) // 2] / messages * 1e6 if sub_cpu else None
@@ -362,7 +403,7 @@ def measure(
         "redis_cpu_us_per_message": round(cpu / messages * 1e6, 1),
         "redis_cpu_us_per_message_per_subscriber": round(cpu / messages / subscribers * 1e6, 2),
         "subscriber_cpu_us_per_message": round(per_message, 1) if per_message is not None else None,
-        "redis_cpu_us_per_key_4_writers": round(busy_cpu[4] * 1e6, 2),
+        "redis_cpu_us_per_key_4_writers": round(per_key[4] * 1e6, 2),
         "hub_cpu_us_per_message": (
             round(hub_cpu / messages * 1e6, 1) if hub_cpu is not None else None
         ),

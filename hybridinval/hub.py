@@ -226,6 +226,8 @@ class Hub:
                 self._drop_locked(process, "too far behind to take a new subscription")
             elif sent < len(data):  # the descriptors went with the first byte
                 self._queue_locked(process, memoryview(data)[sent:])
+        except (BrokenPipeError, ConnectionResetError):  # it went away before we saw it go
+            self._drop_locked(process, "hung up")
         except Exception as exc:  # never the others' messages for one process's failure
             self._drop_locked(process, f"{type(exc).__name__}: {exc}")
 
@@ -248,6 +250,9 @@ class Hub:
             try:
                 sent = process.sock.send(data)
             except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                self._drop_locked(process, "hung up")
                 return
             except OSError as exc:
                 self._drop_locked(process, str(exc))
