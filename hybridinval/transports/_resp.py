@@ -144,9 +144,9 @@ def subscriber_options(
 class Link:
     """One connection (a redis-py ``Connection``, connected) read by a subscriber thread: its
     reader and its health check. ``probe`` goes out every ``interval`` after the last answer
-    (:meth:`answered`); an answer later than ``timeout`` means the link is dead (half-open),
-    and :meth:`due` raises. On a subscribed connection the probe is a PING, whose PONG
-    :meth:`replies` takes itself."""
+    (:meth:`answered`); an answer later than ``timeout`` while the socket has nothing more to
+    read means the link is dead (half-open), and :meth:`due` raises. On a subscribed
+    connection the probe is a PING, whose PONG :meth:`replies` takes itself."""
 
     def __init__(
         self, conn: Any, interval: float, timeout: float, probe: tuple[str, ...] = ("PING",)

@@ -45,8 +45,10 @@ class RedisPubSubTransport(SubscriberThread):
     ``channel`` is the namespace's (``Keyspace(namespace).channel``). ``health_check_interval``:
     how often the subscriber PINGs through its own connection. A PONG
     proves every message published before the PING was delivered; no PONG within
-    ``health_check_timeout`` means the socket is half-open, and the cache goes blind. So a silent
-    network failure is noticed within ``interval + timeout``.
+    ``health_check_timeout``, with nothing left to read, means the socket is half-open, and the
+    cache goes blind. So a silent network failure is noticed within ``interval + timeout``. (A
+    subscriber still reading a backlog is behind, not cut off: its PONG waits behind the
+    backlog; Redis itself closes one that falls too far behind, past its output buffer limit.)
     """
 
     def __init__(
