@@ -255,9 +255,9 @@ def _throughput(
     writers: int,
     seconds: float,
     probes: list[redis.Redis],
-) -> tuple[int, float]:
-    """Keys per second that ``writers`` processes invalidate together, and Redis CPU seconds
-    per key meanwhile."""
+) -> tuple[int, float, int]:
+    """Keys per second that ``writers`` processes invalidate together, Redis CPU seconds per
+    key meanwhile, and how many Pub/Sub connections Redis served as they began."""
     go = ctx.Event()
     outs, procs = [], []
     for _ in range(writers):
@@ -272,6 +272,7 @@ def _throughput(
     idle_start, idle_since = _redis_cpu(probes), time.monotonic()
     time.sleep(1.0)
     idle_rate = (_redis_cpu(probes) - idle_start) / (time.monotonic() - idle_since)
+    listening = sum(len(probe.client_list(_type="pubsub")) for probe in probes)
     cpu_start, started = _redis_cpu(probes), time.monotonic()
     go.set()
     total = sum(pipe.recv() for pipe in outs)
@@ -279,7 +280,7 @@ def _throughput(
     cpu = _redis_cpu(probes) - cpu_start - idle_rate * (time.monotonic() - started)
     for proc in procs:
         proc.join(30)
-    return round(total / seconds), cpu / max(1, total)
+    return round(total / seconds), cpu / max(1, total), listening
 
 
 def measure(
@@ -329,6 +330,7 @@ def measure(
     sender = _Sender(mode, spec)
     rates: dict[int, int] = {}
     per_key: dict[int, float] = {}
+    listening = 0
     try:
         for _ in range(subscribers):
             if not ready.acquire(timeout=120):
@@ -371,7 +373,7 @@ def measure(
         # Throughput with every subscriber listening: what a writer can invalidate, and what
         # Redis spends per key, is what the fan-out costs.
         for writers in (1, 4):
-            rates[writers], per_key[writers] = _throughput(
+            rates[writers], per_key[writers], listening = _throughput(
                 ctx, mode, spec, writers, throughput_seconds, probes
             )
         done.set()
@@ -416,6 +418,7 @@ def measure(
         ),
         "keys_per_s_1_writer": rates[1],
         "keys_per_s_4_writers": rates[4],
+        "pubsub_connections_during_throughput": listening,
     }
 
 
